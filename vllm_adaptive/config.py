@@ -1,0 +1,144 @@
+"""The one typed configuration of vllm-adaptive.
+
+A deployment writes it as YAML (`vllm serve ... --plugin adaptive --adaptive-config FILE`) or
+passes a dict offline (`LLM(model, **vllm_adaptive.engine_kwargs({...}))`). It is validated
+once, at start-up, in the process that parses it; bad keys or values stop start-up with a
+`ConfigError` that names the key. The validated form travels to the engine core and every
+worker inside vLLM's own `VllmConfig.additional_config["adaptive"]`, so every process reads
+the same values without environment variables or files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+# Key under VllmConfig.additional_config that holds our validated config; its presence is
+# what "the plugin is on" means in every process.
+ADDITIONAL_CONFIG_KEY = "adaptive"
+
+
+class ConfigError(ValueError):
+    """A deployment-config problem; the message names the key, the allowed values and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`)."""
+
+    # Whether requests may select an adaptive sampler at all.
+    enabled: bool = True
+    # Defaults used when a request selects Mirostat without setting these (llama.cpp defaults).
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_range("mirostat_tau", self.mirostat_tau, 0.0, 40.0, low_open=True)
+        _check_range("mirostat_eta", self.mirostat_eta, 0.0, 1.0, low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics under the `vllm_adaptive:` prefix on vLLM's `/metrics`."""
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveConfig:
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = "adaptive config") -> AdaptiveConfig:
+        """Build and validate from plain data; `source` prefixes error messages (e.g. a file name)."""
+        return _build(cls, data or {}, source, prefix="")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AdaptiveConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {str(path)!r}: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> AdaptiveConfig | None:
+        """The config an engine was started with, or None when the plugin is off for it."""
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        data = additional.get(ADDITIONAL_CONFIG_KEY)
+        if data is None:
+            return None
+        return cls.from_dict(data, source="additional_config.adaptive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value!r}")
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], data: Mapping[str, Any], source: str, prefix: str) -> _T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix + str(unknown[0])!r}; "
+            f"allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = prefix + name
+        expected = hints[name]
+        if dataclasses.is_dataclass(expected):
+            kwargs[name] = _build(expected, value or {}, source, prefix=key + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(expected, value, source, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+def _coerce(expected: Any, value: Any, source: str, key: str) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config type {expected!r} of {key} has no coercion rule")
+    raise ConfigError(f"{source}: {key} must be a {expected.__name__}, got {value!r}")

@@ -1,0 +1,82 @@
+"""How the plugin switches itself on for one deployment, and nothing else.
+
+`--plugin adaptive [--adaptive-config FILE]` (added to vLLM's parser by a patch) and the offline
+`engine_kwargs()` both end in `engine_kwargs`: it validates the config and returns the two
+public engine arguments that carry it, `additional_config["adaptive"]` (read by the engine core
+and every worker) and our class appended to `logits_processors` (loaded by the workers, and used
+by the API server to validate per-request arguments at admission).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm_adaptive.config import ADDITIONAL_CONFIG_KEY, AdaptiveConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "adaptive"
+PROCESSOR_FQCN = "vllm_adaptive.sampling.processor:AdaptiveLogitsProcessor"
+
+_lock = threading.Lock()
+_registered = False
+# The config of the deployment this process admits requests for (API server / offline LLM).
+_frontend_config: AdaptiveConfig | None = None
+
+
+def register_plugin() -> None:
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from vllm_adaptive.patches import apply_patches
+
+        apply_patches("general_plugin")
+        _registered = True
+
+
+def frontend_config() -> AdaptiveConfig | None:
+    return _frontend_config
+
+
+def load_config(config: AdaptiveConfig | Mapping[str, Any] | str | Path | None) -> AdaptiveConfig:
+    if config is None:
+        return AdaptiveConfig()
+    if isinstance(config, AdaptiveConfig):
+        return config
+    if isinstance(config, Mapping):
+        return AdaptiveConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return AdaptiveConfig.from_file(config)
+    raise ConfigError(f"adaptive config must be a path, a mapping or an AdaptiveConfig, got {config!r}")
+
+
+def engine_kwargs(
+    config: AdaptiveConfig | Mapping[str, Any] | str | Path | None = None,
+    *,
+    additional_config: Mapping[str, Any] | None = None,
+    logits_processors: list[Any] | None = None,
+    speculative_config: Any = None,
+    **other: Any,
+) -> dict[str, Any]:
+    """Engine arguments that turn the plugin on; other engine arguments pass through."""
+    global _frontend_config
+    adaptive = load_config(config)
+    merged_additional = dict(additional_config or {})
+    merged_additional[ADDITIONAL_CONFIG_KEY] = adaptive.to_dict()
+    processors = list(logits_processors or [])
+    if speculative_config:
+        # vLLM's V1 runner refuses custom logits processors under speculative decoding.
+        logger.warning(
+            "vllm-adaptive: speculative decoding is configured, so per-request adaptive "
+            "samplers are not loaded for this deployment"
+        )
+        other["speculative_config"] = speculative_config
+    elif PROCESSOR_FQCN not in processors:
+        processors.append(PROCESSOR_FQCN)
+    _frontend_config = adaptive
+    return {**other, "additional_config": merged_additional, "logits_processors": processors}

@@ -1,0 +1,338 @@
+"""The logits processor that applies adaptive samplers inside vLLM, on both runner interfaces.
+
+vLLM has two logits-processor interfaces: the V1 runner's (CPU, and GPU with
+`VLLM_USE_V2_MODEL_RUNNER=0`) and Model Runner V2's. `AdaptiveLogitsProcessor` subclasses both
+and tells them apart by its constructor's arguments, so one class loads under either runner.
+
+V1: the processor declares itself argmax-invariant (every sampler keeps the top token), so vLLM
+runs it after temperature, on the batch's random-sampling rows: Mirostat sees the tempered
+distribution, as in llama.cpp's chain (temperature, then mirostat). MRV2 runs custom processors
+before temperature, so there the processor divides by the request's temperature itself to find
+the keep-set and masks the unscaled row (same kept set, same final distribution).
+
+Per-request state (Mirostat's mu) lives in `_RequestState`, found through the request's
+`SamplingParams` object, which the runner keeps for a request's whole life, preemptions
+included: a state parked when its request leaves the batch comes back when it returns, and is
+dropped when the request's params are freed. A failure inside a sampler degrades the affected
+requests to plain sampling, is logged and counted, and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
+
+from vllm_adaptive import metrics
+from vllm_adaptive.config import AdaptiveConfig, SamplingConfig
+from vllm_adaptive.sampling import mirostat
+from vllm_adaptive.sampling.params import (
+    SamplerParamError,
+    SamplerRequest,
+    parse_sampler_request,
+)
+
+try:  # Model Runner V2's interface (vLLM >= 0.32); absent on older versions.
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+        LogitsProcessor as V2LogitsProcessor,
+    )
+except ImportError:  # pragma: no cover - depends on the installed vLLM
+    V2LogitsProcessor = object  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Below this temperature vLLM samples greedily; sampler state is not tracked for such rows.
+_GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request: SamplerRequest
+    params_ref: weakref.ReferenceType[Any]
+    temperature: float
+    output_ids: list[int] | None  # V1: the runner's live output list; V2: None
+    mu: float
+    # Set by a step that masked this request's row: its index into that step's saved rows and
+    # the request's length then. The next step reads the sampled token and updates mu.
+    pending_index: int | None = None
+    pending_len: int = -1
+    # A pending row copied out when the request left the batch with an update outstanding.
+    saved_row: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    row: int  # index into this step's logits
+    slot: int  # V1: the same batch index; MRV2: the request's persistent slot
+    state: _RequestState
+    single: bool  # the request owns exactly one row this step (no draft rows)
+
+
+def _new_state(request: SamplerRequest, params: Any, output_ids: list[int] | None) -> _RequestState:
+    tau = request.values["mirostat_tau"]
+    return _RequestState(
+        request=request,
+        params_ref=weakref.ref(params),
+        temperature=float(params.temperature),
+        output_ids=output_ids,
+        mu=mirostat.initial_mu(tau),
+    )
+
+
+class _StateBook:
+    """States by row (V1 batch index or V2 slot), plus states parked by their params object."""
+
+    def __init__(self) -> None:
+        self.active: dict[int, _RequestState] = {}
+        self._parked: dict[int, _RequestState] = {}
+
+    def park(self, row: int, saved: Callable[[_RequestState], None]) -> None:
+        state = self.active.pop(row, None)
+        if state is None:
+            return
+        params = state.params_ref()
+        if params is None:
+            return
+        saved(state)
+        key = id(params)
+        self._parked[key] = state
+        weakref.finalize(params, self._parked.pop, key, None)
+
+    def resume(self, params: Any) -> _RequestState | None:
+        state = self._parked.pop(id(params), None)
+        if state is not None and state.params_ref() is params:
+            return state
+        return None
+
+
+class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ignore[misc]
+    """Applies the adaptive sampler each request asked for; other rows stay bitwise untouched."""
+
+    def __init__(self, vllm_config: Any, *args: Any) -> None:
+        config = AdaptiveConfig.from_vllm_config(vllm_config) or AdaptiveConfig()
+        self.config: AdaptiveConfig = config
+        self.sampling_defaults: SamplingConfig = config.sampling
+        self.failures = 0
+        self._book = _StateBook()
+        # Rows masked by the latest step, kept to measure the surprise of what gets sampled.
+        self._prev_rows: torch.Tensor | None = None
+        self._prev_lse: torch.Tensor | None = None
+        if len(args) == 2:  # V1: (device, is_pin_memory)
+            self.runner_interface = "v1"
+            self._req_states = None
+        elif len(args) == 1:  # MRV2: (req_states)
+            self.runner_interface = "v2"
+            self._req_states = args[0]
+        else:
+            raise TypeError(
+                "AdaptiveLogitsProcessor(vllm_config, device, is_pin_memory) for the V1 runner or "
+                f"(vllm_config, req_states) for Model Runner V2; got {1 + len(args)} arguments"
+            )
+
+    # ---- admission (API server process) -------------------------------------------------
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject bad sampler arguments at admission (HTTP 400) and count admitted requests."""
+        from vllm.exceptions import VLLMValidationError
+
+        from vllm_adaptive import plugin
+
+        try:
+            request = parse_sampler_request(sampling_params.extra_args)
+        except SamplerParamError as e:
+            metrics.count_rejected(e.parameter)
+            raise VLLMValidationError(str(e), parameter=e.parameter, value=e.value) from None
+        config = plugin.frontend_config()
+        if request is not None and config is not None and not config.sampling.enabled:
+            metrics.count_rejected("adaptive_sampler")
+            raise VLLMValidationError(
+                "adaptive samplers are disabled on this server (sampling.enabled: false in its "
+                f"--adaptive-config); got adaptive_sampler={request.name!r}",
+                parameter="adaptive_sampler",
+                value=request.name,
+            )
+        if config is None or config.metrics.enabled:
+            metrics.count_request(request.name if request else "none")
+
+    # ---- V1 runner interface ------------------------------------------------------------
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for row in batch_update.removed:
+            self._book.park(row, self._save_pending)
+        for row, params, _prompt_ids, output_ids in batch_update.added:
+            self._book.park(row, self._save_pending)
+            state = self._admit(params, output_ids)
+            if state is not None:
+                self._book.active[row] = state
+        for a, b, direction in batch_update.moved:
+            state_a = self._book.active.pop(a, None)
+            state_b = self._book.active.pop(b, None)
+            if state_a is not None:
+                self._book.active[b] = state_a
+            if direction == MoveDirectionality.SWAP and state_b is not None:
+                self._book.active[a] = state_b
+
+    # ---- Model Runner V2 interface ------------------------------------------------------
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        self._book.active.pop(req_idx, None)  # slots are recycled: drop the previous occupant
+        state = self._admit(sampling_params, None)
+        if state is not None and state.temperature >= _GREEDY_TEMPERATURE:
+            self._book.active[req_idx] = state
+            return True
+        return False
+
+    def apply_staged_writes(self) -> None:
+        return None
+
+    # ---- both -----------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if not self._book.active:
+            return logits
+        rows = self._rows_this_step(logits, ctx)
+        try:
+            self._observe_sampled_tokens(rows)
+            return self._apply_mirostat(logits, rows)
+        except Exception:  # a policy failure must never take the engine down
+            self.failures += 1
+            logger.exception(
+                "vllm-adaptive: sampler failed on %d request(s); they continue with plain "
+                "sampling", len(rows)
+            )
+            for r in rows:
+                self._book.active.pop(r.slot, None)
+            return logits
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _admit(self, params: Any, output_ids: list[int] | None) -> _RequestState | None:
+        if params is None:
+            return None
+        resumed = self._book.resume(params)
+        if resumed is not None:
+            resumed.output_ids = output_ids
+            return resumed
+        try:
+            request = parse_sampler_request(params.extra_args, self.sampling_defaults)
+        except SamplerParamError:
+            # Admission validates first; reaching here means a caller skipped it. Serve plainly.
+            logger.warning("vllm-adaptive: invalid sampler arguments reached the worker; ignored")
+            return None
+        if request is None:
+            return None
+        return _new_state(request, params, output_ids)
+
+    def _rows_this_step(self, logits: torch.Tensor, ctx: Any) -> list[_Row]:
+        """Every logits row an adaptive sampler applies to this step."""
+        if self.runner_interface == "v1":
+            n = logits.shape[0]
+            return [_Row(row, row, s, True) for row, s in sorted(self._book.active.items()) if row < n]
+        slots: Sequence[int] = ctx.idx_mapping_np.tolist()
+        if len(slots) != logits.shape[0]:  # speculative decoding: several rows per request
+            slots = ctx.expanded_idx_mapping.tolist()
+        counts: dict[int, int] = {}
+        for slot in slots:
+            counts[slot] = counts.get(slot, 0) + 1
+        active = self._book.active
+        return [
+            _Row(row, slot, active[slot], counts[slot] == 1)
+            for row, slot in enumerate(slots)
+            if slot in active
+        ]
+
+    def _current_len(self, state: _RequestState, slot: int) -> int:
+        if state.output_ids is not None:
+            return len(state.output_ids)
+        return int(self._req_states.total_len.gpu[slot])
+
+    def _last_token(self, state: _RequestState, slot: int) -> int:
+        if state.output_ids is not None:
+            return state.output_ids[-1]
+        total = int(self._req_states.total_len.gpu[slot])
+        return int(self._req_states.all_token_ids.gpu[slot, total - 1])
+
+    def _observe_sampled_tokens(self, rows: list[_Row]) -> None:
+        """Update mu from the token each request sampled after the previous masked step."""
+        index: list[int] = []
+        tokens: list[int] = []
+        waiting: list[_RequestState] = []
+        for r in rows:
+            state = r.state
+            if state.pending_index is None and state.saved_row is None:
+                continue
+            if self._current_len(state, r.slot) != state.pending_len + 1:
+                state.pending_index, state.saved_row = None, None  # a step was skipped
+                continue
+            token = self._last_token(state, r.slot)
+            if state.saved_row is not None:
+                row_logits, lse = state.saved_row
+                state.saved_row = None
+                self._update(state, mirostat.observed_surprise(row_logits[token], lse).item())
+                continue
+            index.append(state.pending_index)  # type: ignore[arg-type]
+            tokens.append(token)
+            waiting.append(state)
+        if waiting:
+            assert self._prev_rows is not None and self._prev_lse is not None
+            idx = torch.tensor(index, device=self._prev_rows.device)
+            tok = torch.tensor(tokens, device=self._prev_rows.device)
+            surprise = mirostat.observed_surprise(self._prev_rows[idx, tok], self._prev_lse[idx])
+            for state, value in zip(waiting, surprise.tolist()):
+                self._update(state, value)
+
+    def _update(self, state: _RequestState, surprise: float) -> None:
+        state.pending_index = None
+        if surprise == float("inf"):  # sampled outside our keep-set (another stage changed it)
+            return
+        values = state.request.values
+        state.mu = mirostat.update_mu(state.mu, surprise, values["mirostat_tau"], values["mirostat_eta"])
+
+    def _apply_mirostat(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        if not rows:
+            return logits
+        device = logits.device
+        index = torch.tensor([r.row for r in rows], device=device)
+        mu = torch.tensor([r.state.mu for r in rows], dtype=logits.dtype, device=device)
+        selected = logits.index_select(0, index)
+        if self.runner_interface == "v1":
+            scaled = selected  # V1 runs us after temperature
+            kept_lse = mirostat.apply_keep_set_(scaled, mu)
+            logits.index_copy_(0, index, scaled)
+        else:  # MRV2 runs us before temperature: find the keep-set at the request's temperature
+            temps = torch.tensor([r.state.temperature for r in rows], dtype=logits.dtype)
+            scaled = selected / temps.to(device).unsqueeze(-1)
+            kept_lse = mirostat.apply_keep_set_(scaled, mu)
+            logits.index_copy_(0, index, selected.masked_fill(scaled == float("-inf"), float("-inf")))
+        self._prev_rows, self._prev_lse = scaled, kept_lse
+        for i, r in enumerate(rows):
+            # Under speculative decoding (several rows per request) mu follows committed tokens
+            # only from single-row steps.
+            r.state.pending_index = i if r.single else None
+            r.state.pending_len = self._current_len(r.state, r.slot)
+        return logits
+
+    def _save_pending(self, state: _RequestState) -> None:
+        """Copy a request's pending row out of the shared buffer before it leaves the batch."""
+        if state.pending_index is not None and self._prev_rows is not None:
+            assert self._prev_lse is not None
+            state.saved_row = (
+                self._prev_rows[state.pending_index].clone(),
+                self._prev_lse[state.pending_index].clone(),
+            )
+        state.pending_index = None
