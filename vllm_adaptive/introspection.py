@@ -1,0 +1,39 @@
+"""What the plugin looks like from inside a worker, for operators' debugging and for tests.
+
+`LLM.collective_rpc(adaptive_worker_state)` runs `adaptive_worker_state` in every worker
+(passing a callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1) and returns, per worker, the
+config its AdaptiveLogitsProcessor was built with and its live counters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vllm_adaptive.sampling.processor import AdaptiveLogitsProcessor
+
+
+def find_processors(worker: Any) -> list[AdaptiveLogitsProcessor]:
+    runner = getattr(worker, "model_runner", None)
+    batch = getattr(runner, "input_batch", None)
+    logitsprocs = getattr(batch, "logitsprocs", None)
+    if logitsprocs is not None:  # V1 runner
+        return [p for p in logitsprocs.all if isinstance(p, AdaptiveLogitsProcessor)]
+    sampler = getattr(runner, "sampler", None)  # Model Runner V2
+    return [p for p in getattr(sampler, "logits_processors", []) if isinstance(p, AdaptiveLogitsProcessor)]
+
+
+def adaptive_worker_state(worker: Any) -> dict[str, Any]:
+    processors = find_processors(worker)
+    return {
+        "pid": os.getpid(),
+        "processors": [
+            {
+                "runner_interface": p.runner_interface,
+                "config": p.config.to_dict(),
+                "active_requests": len(p._book.active),
+                "failures": p.failures,
+            }
+            for p in processors
+        ],
+    }
