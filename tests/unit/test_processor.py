@@ -222,3 +222,37 @@ def test_v2_mu_update_reads_committed_tokens() -> None:
     req_states.total_len.gpu[0] = 4
     proc.apply(logits.clone(), v2_ctx([0]))
     assert proc._book.active[0].mu == pytest.approx(4.0 - 0.5 * (3.0 - 2.0), abs=1e-3)
+
+
+# ---- vLLM's own loaders accept the class ------------------------------------------------
+
+FQCN = "vllm_adaptive.sampling.processor:AdaptiveLogitsProcessor"
+
+
+def test_v1_loader_builds_the_processor_by_name() -> None:
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+
+    vllm_config = SimpleNamespace(speculative_config=None, additional_config={},
+                                  scheduler_config=SimpleNamespace(max_num_seqs=8))
+    built = build_logitsprocs(vllm_config, torch.device("cpu"), False, False, [FQCN])
+    ours = [p for p in built.all if isinstance(p, AdaptiveLogitsProcessor)]
+    assert len(ours) == 1 and ours[0].runner_interface == "v1"
+    assert ours[0] in built.argmax_invariant
+
+
+def test_model_runner_v2_loader_builds_and_validates_the_processor() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+        build_custom_logits_processors,
+        build_custom_logits_processors_params_validator,
+    )
+
+    tensor = SimpleNamespace(gpu=torch.zeros(4, dtype=torch.int32))
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=4, vocab_size=VOCAB,
+                                 all_token_ids=tensor, prompt_len=tensor, prefill_len=tensor, total_len=tensor)
+    [processor] = build_custom_logits_processors(CONFIG, req_states, False, [FQCN])
+    assert isinstance(processor, AdaptiveLogitsProcessor) and processor.runner_interface == "v2"
+    validate = build_custom_logits_processors_params_validator([FQCN])
+    validate(mirostat_params(tau=3.0))
+    with pytest.raises(VLLMValidationError, match="mirostat_tau must be a number in"):
+        validate(mirostat_params(tau=-1.0))
