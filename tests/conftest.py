@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from reference import KV_CACHE_BYTES, MAX_MODEL_LEN
+from reference import ENGINE_ARGS, KV_CACHE_BYTES, MAX_MODEL_LEN
 
 TESTS = Path(__file__).parent
-SERVER_CONFIG = "sampling:\n  mirostat_tau: 4.5\n  mirostat_eta: 0.2\n"
+# mirostat_tau far from the built-in default (5.0): tests see the worker use the file's value.
+SERVER_TAU = 2.0
+SERVER_CONFIG = f"sampling:\n  mirostat_tau: {SERVER_TAU}\n  mirostat_eta: 0.1\n"
 SERVER_START_TIMEOUT_S = 420
 
 
@@ -73,7 +75,8 @@ def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tin
     cmd = [
         *vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", name, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-        "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0", *extra_args,
+        "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
+        "--logprobs-mode", str(ENGINE_ARGS["logprobs_mode"]), *extra_args,
     ]
     handle = log.open("w")
     process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)

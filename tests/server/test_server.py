@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import Server, vllm_command
+from conftest import SERVER_TAU, Server, vllm_command
 from reference import GREEDY_MAX_TOKENS, GREEDY_PROMPTS
 
 pytestmark = pytest.mark.server
@@ -30,6 +31,18 @@ def test_mirostat_request_is_served(adaptive_server: Server) -> None:
                         vllm_xargs={"adaptive_sampler": "mirostat_v2", "mirostat_tau": 3.0, "mirostat_eta": 0.1})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 16
+
+
+def test_workers_use_the_adaptive_config_file(adaptive_server: Server) -> None:
+    """The server's --adaptive-config sets mirostat_tau=2.0 (built-in default: 5.0); a request
+    that names Mirostat without a tau is sampled by the worker with the file's value."""
+    response = complete(adaptive_server, prompt="Once upon a time", max_tokens=220, temperature=1.0,
+                        ignore_eos=True, logprobs=0, seed=3, vllm_xargs={"adaptive_sampler": "mirostat_v2"})
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]["token_logprobs"]  # final distribution
+    mean_surprise = -sum(logprobs) / len(logprobs) / math.log(2)
+    assert len(logprobs) == 220
+    assert abs(mean_surprise - SERVER_TAU) < 0.5, mean_surprise
 
 
 def test_chat_request_with_sampler_is_served(adaptive_server: Server) -> None:
