@@ -54,7 +54,7 @@ clean:
 
 # Load test: a bounded, headless locust run against URL (default: the `make serve` server), e.g.
 #   make loadtest SCENARIO=mirostat_v2 USERS=8 DURATION=60s SLO=ttft:500,tpot:50
-# Results (CSVs, HTML report, plots, summary) go to OUT (default loadtest-results/<date-time>).
+# Results (CSVs, HTML report, plots, summary) go to OUT (default results/loadtest/<date-time>).
 # More options (A/B, chat API, fixed output length): LOADTEST_ARGS="--b-scenario plain --fixed-output";
 # see `$(BIN)/vllm-adaptive-loadtest --help` and docs/loadtest.md.
 URL ?= http://$(HOST):$(PORT)

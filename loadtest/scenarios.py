@@ -1,0 +1,58 @@
+"""Request scenarios: what each load-test request adds to its body, by name.
+
+A scenario is data: a one-line entry in `SCENARIOS` whose `body` is merged into every request
+(sampling parameters, and `vllm_xargs` for the plugin's per-request features). There is one
+scenario per adaptive sampler (named like the sampler) and plain vLLM baselines; a feature that
+adds a per-request mode adds its line here. tests/loadtest checks that every sampler the plugin
+registers has a scenario whose arguments the plugin accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    description: str
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _sampler(name: str, **params: float) -> Scenario:
+    """The plugin's adaptive sampler `name` with these parameters, through `vllm_xargs`."""
+    settings = ", ".join(f"{key} {value:g}" for key, value in params.items())
+    return Scenario(
+        f"adaptive sampler {name} ({settings})",
+        {"vllm_xargs": {"adaptive_sampler": name, **params}},
+    )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "plain": Scenario("vLLM's own random sampling (temperature 1), no adaptive sampler"),
+    "greedy": Scenario("vLLM's greedy decoding (temperature 0)", {"temperature": 0.0}),
+    # One per adaptive sampler the plugin serves (vllm_adaptive.sampling.params.SAMPLERS), with
+    # typical settings; add a line here when a sampler is registered there.
+    "mirostat_v2": _sampler("mirostat_v2", mirostat_tau=3.0, mirostat_eta=0.1),
+}
+
+DEFAULT_SCENARIO = "plain"
+
+
+class UnknownScenarioError(ValueError):
+    pass
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise UnknownScenarioError(
+            f"unknown scenario {name!r}; known scenarios: {', '.join(SCENARIOS)}"
+        ) from None
+
+
+def describe_scenarios() -> str:
+    width = max(len(name) for name in SCENARIOS)
+    return "\n".join(f"{name:<{width}}  {s.description}" for name, s in SCENARIOS.items())

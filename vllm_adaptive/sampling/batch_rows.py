@@ -1,0 +1,49 @@
+"""Row selection and per-row parameter checks shared by the batched samplers.
+
+Every batched sampler takes logits [R, V] (float32, already divided by the request's
+temperature), an optional `rows` index [K] naming the rows it applies to (every row when None),
+and one parameter tensor [K] per parameter, entry i belonging to row `rows[i]`. Rows not named
+are never written; `rows` must not repeat a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_adaptive.kernels.row_stats import check_rows
+
+
+def check_batch(
+    what: str, logits: torch.Tensor, rows: torch.Tensor | None, **params: torch.Tensor
+) -> int:
+    """Validate a sampler's inputs; returns K, the number of rows it applies to."""
+    k = check_rows(logits, rows, what)
+    if logits.dtype != torch.float32:
+        raise ValueError(f"{what}: logits must be float32, got {logits.dtype}")
+    for name, value in params.items():
+        if not isinstance(value, torch.Tensor) or value.shape != (k,):
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{what}: {name} must be a tensor [{k}] (one per selected row), got {shape}"
+            )
+        if value.device != logits.device:
+            raise ValueError(
+                f"{what}: {name} must be on {logits.device} like logits, got {value.device}"
+            )
+    return k
+
+
+def selected(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The selected rows [K, V]: a copy when `rows` is given, `logits` itself otherwise."""
+    return logits if rows is None else logits.index_select(0, rows.long())
+
+
+def write_rows_(
+    logits: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor, changed: torch.Tensor
+) -> None:
+    """Copy `values[i]` into the logits row it came from, for the i where `changed[i]`."""
+    which = changed.nonzero().squeeze(-1)
+    if which.numel() == 0:
+        return
+    target = which if rows is None else rows.long().index_select(0, which)
+    logits.index_copy_(0, target, values.index_select(0, which))

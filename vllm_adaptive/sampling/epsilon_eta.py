@@ -1,0 +1,86 @@
+"""Epsilon and eta sampling (Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model
+Desmoothing", arXiv 2210.15191), with the semantics of Hugging Face transformers'
+`EpsilonLogitsWarper` and `EtaLogitsWarper` (min_tokens_to_keep=1).
+
+- epsilon: drop every token with probability p < epsilon.
+- eta_cutoff (eta): drop every token with p < min(eta, sqrt(eta) * exp(-H)), H the entropy (nats)
+  of the distribution, so a flat (high-entropy) distribution is cut less.
+- The top token is always kept (every token tied with the largest logit, as HF's top-1 guard).
+
+One sampler, `epsilon_eta`, carries both cutoffs; 0 switches one off (both 0: rows untouched).
+With both set, both are measured on the same distribution (the one this processor receives)
+and a token is dropped when either cutoff drops it. (HF, chaining the two warpers, measures the
+second on the distribution the first left; we measure both once.)
+
+Ranges: epsilon in [0, 1), eta_cutoff in [0, 1); HF accepts (0, 1) for each and the paper's
+suggested values are around 3e-4 to 2e-3. Defaults: 0 (off) for both, as in HF: a request that
+picks this sampler sets the cutoff it wants.
+
+Threshold form: p < c is logit < lse + ln c, so each row's keep-set is one logit threshold from
+`row_stats` (lse, entropy, max), applied by `threshold_mask_`: O(V) per row, no sort.
+`keep_set_reference` is the definition token by token, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_adaptive.kernels.row_stats import RowStats, row_stats
+from vllm_adaptive.kernels.threshold_mask import threshold_mask_
+from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.params import NumberParam
+
+NAME = "epsilon_eta"
+EPSILON_DEFAULT = 0.0
+ETA_CUTOFF_DEFAULT = 0.0
+
+PARAMS: tuple[NumberParam, ...] = (
+    NumberParam("epsilon", 0.0, 1.0, "epsilon", high_open=True),
+    NumberParam("eta_cutoff", 0.0, 1.0, "eta_cutoff", high_open=True),
+)
+
+
+def keep_threshold(
+    stats: RowStats, epsilon: torch.Tensor, eta_cutoff: torch.Tensor
+) -> torch.Tensor:
+    """Per-row logit threshold [K]; -inf where both cutoffs are 0; never above the row max."""
+    # ln(0) = -inf switches a cutoff off without a branch.
+    log_eps = torch.log(epsilon.float())
+    log_eta = torch.log(eta_cutoff.float())
+    log_eta_cut = torch.minimum(log_eta, 0.5 * log_eta - stats.entropy)
+    threshold = stats.lse + torch.maximum(log_eps, log_eta_cut)
+    return torch.minimum(threshold, stats.row_max)
+
+
+def apply_epsilon_eta_(
+    logits: torch.Tensor,
+    epsilon: torch.Tensor,
+    eta_cutoff: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mask tokens below either cutoff to -inf in place, on `rows` (every row when None)."""
+    check_batch("apply_epsilon_eta_", logits, rows, epsilon=epsilon, eta_cutoff=eta_cutoff)
+    stats = row_stats(logits, rows)
+    return threshold_mask_(logits, keep_threshold(stats, epsilon, eta_cutoff), rows)
+
+
+def keep_set_reference(logits: torch.Tensor, epsilon: float, eta_cutoff: float) -> torch.Tensor:
+    """The definition for one row [V]: bool mask of the tokens kept (-inf entries never are)."""
+    x = logits.double()
+    probs = torch.softmax(x, dim=-1)
+    entropy = 0.0
+    for p in probs.tolist():
+        if p > 0.0:
+            entropy -= p * math.log(p)
+    top = x.max().item()
+    keep = torch.zeros(x.shape, dtype=torch.bool)
+    for i, (logit, p) in enumerate(zip(x.tolist(), probs.tolist())):
+        if logit == float("-inf"):
+            continue
+        dropped = epsilon > 0.0 and p < epsilon
+        if eta_cutoff > 0.0:
+            dropped = dropped or p < min(eta_cutoff, math.sqrt(eta_cutoff) * math.exp(-entropy))
+        keep[i] = logit == top or not dropped
+    return keep

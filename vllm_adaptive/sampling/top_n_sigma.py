@@ -1,0 +1,62 @@
+"""Top-n-sigma (Tang et al. 2024, "Top-nσ: Not All Logits Are You Need", arXiv 2411.07641), with
+the semantics of llama.cpp's `llama_sampler_top_n_sigma`.
+
+Keep every token whose logit is at least max - n * sigma, where max and sigma are the largest
+logit and the population standard deviation (divide by the count) of the row's finite logits;
+`-inf` entries are masked tokens and take no part. The top token is always kept (n * sigma >= 0),
+ties with the threshold are kept. Dividing logits by a temperature scales max and sigma alike, so
+the kept set does not depend on the temperature.
+
+Parameter: top_n_sigma = n in (0, 100]; llama.cpp's usual value 1.0 is the default. n <= 0 leaves
+a row as it is (llama.cpp: off).
+
+Threshold form: one pass of `row_stats` (max, mean, std) and `threshold_mask_`: O(V) per row.
+`keep_set_reference` is the definition token by token, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_adaptive.kernels.row_stats import RowStats, row_stats
+from vllm_adaptive.kernels.threshold_mask import threshold_mask_
+from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.params import NumberParam
+
+NAME = "top_n_sigma"
+TOP_N_SIGMA_DEFAULT = 1.0
+
+PARAMS: tuple[NumberParam, ...] = (
+    NumberParam("top_n_sigma", 0.0, 100.0, "top_n_sigma", low_open=True),
+)
+
+
+def keep_threshold(stats: RowStats, n: torch.Tensor) -> torch.Tensor:
+    """Per-row logit threshold [K]: max - n * std, or -inf where n <= 0."""
+    threshold = stats.row_max - n.float() * stats.std
+    return torch.where(n > 0, threshold, float("-inf"))
+
+
+def apply_top_n_sigma_(
+    logits: torch.Tensor, n: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask tokens below max - n * std to -inf in place, on `rows` (every row when None)."""
+    check_batch("apply_top_n_sigma_", logits, rows, n=n)
+    stats = row_stats(logits, rows)
+    return threshold_mask_(logits, keep_threshold(stats, n), rows)
+
+
+def keep_set_reference(logits: torch.Tensor, n: float) -> torch.Tensor:
+    """The definition for one row [V]: bool mask of the tokens kept (-inf entries never are)."""
+    values = [v for v in logits.double().tolist() if v != float("-inf")]
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    if not values:
+        return keep
+    top = max(values)
+    mean = sum(values) / len(values)
+    sigma = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    for i, v in enumerate(logits.double().tolist()):
+        keep[i] = v != float("-inf") and (n <= 0 or v >= top - n * sigma)
+    return keep
