@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import SERVER_TAU, Server, vllm_command
+from vllm_processes import SERVER_TAU, Server, vllm_command
 from reference import GREEDY_MAX_TOKENS, GREEDY_PROMPTS
 
 pytestmark = pytest.mark.server
