@@ -19,6 +19,13 @@ from vllm_processes import SERVER_CONFIG, Server, start_server, stop_server
 
 TESTS = Path(__file__).parent
 
+# Triton's interpreter must be on from the start of the process that runs kernel tests (vLLM
+# imports Triton long before they would run here), so test_kernels_interpreted.py runs
+# tests/kernels in a subprocess with TRITON_INTERPRET=1; this process collects them only when
+# it was itself started that way.
+if os.environ.get("TRITON_INTERPRET") != "1":
+    collect_ignore = ["kernels"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
