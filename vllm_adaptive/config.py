@@ -11,7 +11,6 @@ the same values without environment variables or files.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,17 +29,45 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`)."""
+    """Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`).
+
+    Every parameter below is the deployment's default for requests that choose a sampler without
+    setting it; its range is the one requests get (vllm_adaptive.sampling.params.SAMPLERS).
+    """
 
     # Whether requests may select an adaptive sampler at all.
     enabled: bool = True
-    # Defaults used when a request selects Mirostat without setting these (llama.cpp defaults).
+    # mirostat_v1 / mirostat_v2 (llama.cpp defaults): target surprise (bits), learning rate,
+    # and (v1) how many top tokens estimate the Zipf exponent.
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    mirostat_m: float = 100.0
+    # dynatemp: temperature range around the request's temperature, and the entropy exponent.
+    dynatemp_range: float = 0.5
+    dynatemp_exponent: float = 1.0
+    # edt: T = temperature * edt_base ** (edt_theta / H).
+    edt_base: float = 0.8
+    edt_theta: float = 1.0
+    # typical: the probability mass of the most typical tokens kept.
+    typical_p: float = 0.95
+    # epsilon / eta: probability cutoffs.
+    epsilon: float = 3e-4
+    eta_cutoff: float = 3e-4
+    # top_n_sigma: keep logits within n standard deviations of the largest.
+    top_n_sigma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_range("mirostat_tau", self.mirostat_tau, 0.0, 40.0, low_open=True)
-        _check_range("mirostat_eta", self.mirostat_eta, 0.0, 1.0, low_open=True)
+        from vllm_adaptive.sampling.param_spec import SamplerParamError
+        from vllm_adaptive.sampling.params import PARAMS_BY_KEY
+
+        for param in PARAMS_BY_KEY.values():
+            value = getattr(self, param.default_from)
+            try:
+                param.parse(value)
+            except SamplerParamError:
+                raise ConfigError(
+                    f"{param.default_from} must be a number in {param.interval()}, got {value!r}"
+                ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +113,6 @@ class AdaptiveConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check_range(
-    key: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    ok = math.isfinite(value) and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"{key} must be in {interval}, got {value!r}")
 
 
 _T = TypeVar("_T")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from vllm_adaptive.sampling.params import SAMPLERS
 from vllm_processes import SERVER_TAU, Server, vllm_command
 from reference import GREEDY_MAX_TOKENS, GREEDY_PROMPTS
 
@@ -31,6 +32,17 @@ def test_mirostat_request_is_served(adaptive_server: Server) -> None:
                         vllm_xargs={"adaptive_sampler": "mirostat_v2", "mirostat_tau": 3.0, "mirostat_eta": 0.1})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_is_selectable_over_http(adaptive_server: Server, sampler: str) -> None:
+    name = "vllm_adaptive:requests_total"
+    before = counter(adaptive_server, name, "sampler", sampler)
+    response = complete(adaptive_server, prompt="Hello", max_tokens=8, temperature=0.9, ignore_eos=True,
+                        vllm_xargs={"adaptive_sampler": sampler})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 8
+    assert counter(adaptive_server, name, "sampler", sampler) == before + 1
 
 
 def test_workers_use_the_adaptive_config_file(adaptive_server: Server) -> None:
@@ -58,7 +70,18 @@ def test_chat_request_with_sampler_is_served(adaptive_server: Server) -> None:
         ({"adaptive_sampler": "mirostat_v2", "mirostat_tau": -1}, "mirostat_tau",
          ["mirostat_tau", "(0, 40]", "got -1"]),
         ({"adaptive_sampler": "nope"}, "adaptive_sampler",
-         ["adaptive_sampler", "['mirostat_v2']", "got 'nope'"]),
+         ["adaptive_sampler", "'mirostat_v1', 'mirostat_v2', 'top_n_sigma', 'typical'", "got 'nope'"]),
+        ({"adaptive_sampler": "mirostat_v1", "mirostat_m": 1}, "mirostat_m", ["mirostat_m", "[2, 1000]", "got 1"]),
+        ({"adaptive_sampler": "dynatemp", "dynatemp_exponent": 0}, "dynatemp_exponent",
+         ["dynatemp_exponent", "(0, 10]", "got 0"]),
+        ({"adaptive_sampler": "edt", "edt_base": 2}, "edt_base", ["edt_base", "(0, 1)", "got 2"]),
+        ({"adaptive_sampler": "typical", "typical_p": 1.5}, "typical_p", ["typical_p", "(0, 1]", "got 1.5"]),
+        ({"adaptive_sampler": "epsilon", "epsilon": "x"}, "epsilon", ["epsilon", "(0, 1)", "got 'x'"]),
+        ({"adaptive_sampler": "eta", "eta_cutoff": 1}, "eta_cutoff", ["eta_cutoff", "(0, 1)", "got 1"]),
+        ({"adaptive_sampler": "top_n_sigma", "top_n_sigma": -2}, "top_n_sigma",
+         ["top_n_sigma", "(0, 100]", "got -2"]),
+        ({"adaptive_sampler": "typical", "mirostat_tau": 3}, "mirostat_tau",
+         ["mirostat_tau does not apply to adaptive_sampler='typical'", "['typical_p']"]),
     ],
 )
 def test_bad_arguments_get_400_naming_parameter_range_and_value(

@@ -40,11 +40,11 @@ def test_unknown_section_is_named() -> None:
 @pytest.mark.parametrize(
     ("data", "pattern"),
     [
-        ({"sampling": {"mirostat_tau": -1}}, r"sampling\.mirostat_tau must be in \(0\.0, 40\.0\], got -1\.0"),
-        ({"sampling": {"mirostat_eta": 0}}, r"sampling\.mirostat_eta must be in \(0\.0, 1\.0\], got 0\.0"),
+        ({"sampling": {"mirostat_tau": -1}}, r"sampling\.mirostat_tau must be a number in \(0, 40\], got -1\.0"),
+        ({"sampling": {"mirostat_eta": 0}}, r"sampling\.mirostat_eta must be a number in \(0, 1\], got 0\.0"),
         ({"sampling": {"mirostat_tau": "high"}}, r"sampling\.mirostat_tau must be a float, got 'high'"),
         ({"sampling": {"enabled": "yes"}}, r"sampling\.enabled must be a bool, got 'yes'"),
-        ({"sampling": {"mirostat_tau": float("nan")}}, r"sampling\.mirostat_tau must be in"),
+        ({"sampling": {"mirostat_tau": float("nan")}}, r"sampling\.mirostat_tau must be a number in"),
         ({"sampling": 3}, r"sampling must be a mapping, got 3"),
     ],
 )
@@ -90,3 +90,41 @@ def test_from_vllm_config_reads_additional_config() -> None:
     config = AdaptiveConfig.from_vllm_config(FakeVllmConfig())
     assert config is not None and config.sampling.mirostat_eta == 0.3
     assert AdaptiveConfig.from_vllm_config(OffVllmConfig()) is None
+
+
+def test_sampling_defaults_are_the_sampler_modules_defaults() -> None:
+    from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat_v1, top_n_sigma, typical
+
+    sampling = AdaptiveConfig().sampling
+    assert (sampling.mirostat_tau, sampling.mirostat_eta, sampling.mirostat_m) == (
+        mirostat_v1.MIROSTAT_TAU_DEFAULT, mirostat_v1.MIROSTAT_ETA_DEFAULT, mirostat_v1.MIROSTAT_M_DEFAULT
+    )
+    assert (sampling.dynatemp_range, sampling.dynatemp_exponent) == (
+        dynatemp.DYNATEMP_RANGE_DEFAULT, dynatemp.DYNATEMP_EXPONENT_DEFAULT
+    )
+    assert (sampling.edt_base, sampling.edt_theta) == (dynatemp.EDT_BASE_DEFAULT, dynatemp.EDT_THETA_DEFAULT)
+    assert sampling.typical_p == typical.TYPICAL_P_DEFAULT
+    assert (sampling.epsilon, sampling.eta_cutoff) == (
+        epsilon_eta.EPSILON_DEFAULT, epsilon_eta.ETA_CUTOFF_DEFAULT
+    )
+    assert sampling.top_n_sigma == top_n_sigma.TOP_N_SIGMA_DEFAULT
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "interval"),
+    [
+        ("mirostat_m", 1, "[2, 1000]"),
+        ("dynatemp_range", -0.1, "[0, 10]"),
+        ("dynatemp_exponent", 0, "(0, 10]"),
+        ("edt_base", 1.0, "(0, 1)"),
+        ("edt_theta", 11, "(0, 10]"),
+        ("typical_p", 1.5, "(0, 1]"),
+        ("epsilon", 0, "(0, 1)"),
+        ("eta_cutoff", 1, "(0, 1)"),
+        ("top_n_sigma", 0, "(0, 100]"),
+    ],
+)
+def test_every_sampler_default_is_range_checked(key: str, value: float, interval: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        AdaptiveConfig.from_dict({"sampling": {key: value}})
+    assert f"sampling.{key} must be a number in {interval}, got {float(value)!r}" in str(e.value)

@@ -67,6 +67,5 @@ def test_neg_inf_entries_stay_out() -> None:
 
 
 def test_params() -> None:
-    assert [(p.key, p.interval()) for p in epsilon_eta.PARAMS] == [
-        ("epsilon", "[0, 1)"), ("eta_cutoff", "[0, 1)")
-    ]
+    assert [(p.key, p.interval()) for p in epsilon_eta.EPSILON_PARAMS] == [("epsilon", "(0, 1)")]
+    assert [(p.key, p.interval()) for p in epsilon_eta.ETA_PARAMS] == [("eta_cutoff", "(0, 1)")]

@@ -33,8 +33,8 @@ def test_numbers_sent_as_strings_are_accepted() -> None:
     ("extra_args", "parameter", "message"),
     [
         ({"adaptive_sampler": "nope"}, "adaptive_sampler",
-         "adaptive_sampler must be one of ['mirostat_v2'], got 'nope'"),
-        ({"adaptive_sampler": 3}, "adaptive_sampler", "adaptive_sampler must be one of ['mirostat_v2'], got 3"),
+         "adaptive_sampler must be one of ['dynatemp', 'edt', 'epsilon', 'eta', 'mirostat_v1', 'mirostat_v2', 'top_n_sigma', 'typical'], got 'nope'"),
+        ({"adaptive_sampler": 3}, "adaptive_sampler", "adaptive_sampler must be one of ['dynatemp', 'edt', 'epsilon', 'eta', 'mirostat_v1', 'mirostat_v2', 'top_n_sigma', 'typical'], got 3"),
         ({"adaptive_sampler": "mirostat_v2", "mirostat_tau": -1}, "mirostat_tau",
          "mirostat_tau must be a number in (0, 40], got -1"),
         ({"adaptive_sampler": "mirostat_v2", "mirostat_tau": 0}, "mirostat_tau",
@@ -48,6 +48,22 @@ def test_numbers_sent_as_strings_are_accepted() -> None:
         ({"adaptive_sampler": "mirostat_v2", "mirostat_tau": [1]}, "mirostat_tau",
          "mirostat_tau must be a number in (0, 40], got [1]"),
         ({"mirostat_tau": 3.0}, "mirostat_tau", "mirostat_tau needs adaptive_sampler"),
+        ({"adaptive_sampler": "mirostat_v1", "mirostat_m": 1}, "mirostat_m",
+         "mirostat_m must be a number in [2, 1000], got 1"),
+        ({"adaptive_sampler": "dynatemp", "dynatemp_range": 11}, "dynatemp_range",
+         "dynatemp_range must be a number in [0, 10], got 11"),
+        ({"adaptive_sampler": "dynatemp", "dynatemp_exponent": 0}, "dynatemp_exponent",
+         "dynatemp_exponent must be a number in (0, 10], got 0"),
+        ({"adaptive_sampler": "edt", "edt_base": 1}, "edt_base", "edt_base must be a number in (0, 1), got 1"),
+        ({"adaptive_sampler": "typical", "typical_p": 0}, "typical_p",
+         "typical_p must be a number in (0, 1], got 0"),
+        ({"adaptive_sampler": "epsilon", "epsilon": 1}, "epsilon", "epsilon must be a number in (0, 1), got 1"),
+        ({"adaptive_sampler": "eta", "eta_cutoff": -0.1}, "eta_cutoff",
+         "eta_cutoff must be a number in (0, 1), got -0.1"),
+        ({"adaptive_sampler": "top_n_sigma", "top_n_sigma": 0}, "top_n_sigma",
+         "top_n_sigma must be a number in (0, 100], got 0"),
+        ({"adaptive_sampler": "eta", "epsilon": 0.1}, "epsilon",
+         "epsilon does not apply to adaptive_sampler='eta'; its parameters are ['eta_cutoff']"),
     ],
 )
 def test_errors_name_parameter_allowed_values_and_value(extra_args: dict, parameter: str, message: str) -> None:
@@ -55,3 +71,22 @@ def test_errors_name_parameter_allowed_values_and_value(extra_args: dict, parame
         parse_sampler_request(extra_args)
     assert e.value.parameter == parameter
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mirostat_v1", {"mirostat_tau": 5.0, "mirostat_eta": 0.1, "mirostat_m": 100.0}),
+        ("mirostat_v2", {"mirostat_tau": 5.0, "mirostat_eta": 0.1}),
+        ("dynatemp", {"dynatemp_range": 0.5, "dynatemp_exponent": 1.0}),
+        ("edt", {"edt_base": 0.8, "edt_theta": 1.0}),
+        ("typical", {"typical_p": 0.95}),
+        ("epsilon", {"epsilon": 3e-4}),
+        ("eta", {"eta_cutoff": 3e-4}),
+        ("top_n_sigma", {"top_n_sigma": 1.0}),
+    ],
+)
+def test_every_sampler_fills_its_defaults(name: str, expected: dict) -> None:
+    request = parse_sampler_request({"adaptive_sampler": name}, SamplingConfig())
+    assert request is not None and request.name == name
+    assert dict(request.values) == expected

@@ -81,4 +81,4 @@ def test_kept_mass_reaches_typical_p_on_random_rows() -> None:
 def test_params_declare_the_hf_range() -> None:
     (param,) = typical.PARAMS
     assert (param.key, param.interval()) == ("typical_p", "(0, 1]")
-    assert typical.TYPICAL_P_DEFAULT == 1.0
+    assert typical.TYPICAL_P_DEFAULT == 0.95

@@ -35,7 +35,7 @@ import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
-from vllm_adaptive.sampling.params import NumberParam
+from vllm_adaptive.sampling.param_spec import NumberParam
 
 NAME = "dynatemp"
 DYNATEMP_RANGE_DEFAULT = 0.5

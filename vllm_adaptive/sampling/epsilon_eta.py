@@ -7,14 +7,14 @@ Desmoothing", arXiv 2210.15191), with the semantics of Hugging Face transformers
   of the distribution, so a flat (high-entropy) distribution is cut less.
 - The top token is always kept (every token tied with the largest logit, as HF's top-1 guard).
 
-One sampler, `epsilon_eta`, carries both cutoffs; 0 switches one off (both 0: rows untouched).
-With both set, both are measured on the same distribution (the one this processor receives)
-and a token is dropped when either cutoff drops it. (HF, chaining the two warpers, measures the
-second on the distribution the first left; we measure both once.)
+Two samplers share this module: `epsilon` (parameter `epsilon`) and `eta` (parameter
+`eta_cutoff`). The batched function takes both cutoffs per row, 0 switching one off (both 0:
+rows untouched); each sampler passes its own and 0 for the other. With both set, both would be
+measured on the same distribution and a token dropped when either cutoff drops it.
 
-Ranges: epsilon in [0, 1), eta_cutoff in [0, 1); HF accepts (0, 1) for each and the paper's
-suggested values are around 3e-4 to 2e-3. Defaults: 0 (off) for both, as in HF: a request that
-picks this sampler sets the cutoff it wants.
+Ranges: epsilon and eta_cutoff in (0, 1), as HF accepts. HF has no default (the warper is off
+unless set); ours are 3e-4 for both, the low end of the range HF's documentation suggests for
+each (epsilon 3e-4 to 9e-4, eta 3e-4 to 2e-3), so picking the sampler alone truncates gently.
 
 Threshold form: p < c is logit < lse + ln c, so each row's keep-set is one logit threshold from
 `row_stats` (lse, entropy, max), applied by `threshold_mask_`: O(V) per row, no sort.
@@ -30,15 +30,18 @@ import torch
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling.batch_rows import check_batch
-from vllm_adaptive.sampling.params import NumberParam
+from vllm_adaptive.sampling.param_spec import NumberParam
 
-NAME = "epsilon_eta"
-EPSILON_DEFAULT = 0.0
-ETA_CUTOFF_DEFAULT = 0.0
+EPSILON_NAME = "epsilon"
+ETA_NAME = "eta"
+EPSILON_DEFAULT = 3e-4
+ETA_CUTOFF_DEFAULT = 3e-4
 
-PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("epsilon", 0.0, 1.0, "epsilon", high_open=True),
-    NumberParam("eta_cutoff", 0.0, 1.0, "eta_cutoff", high_open=True),
+EPSILON_PARAMS: tuple[NumberParam, ...] = (
+    NumberParam("epsilon", 0.0, 1.0, "epsilon", low_open=True, high_open=True),
+)
+ETA_PARAMS: tuple[NumberParam, ...] = (
+    NumberParam("eta_cutoff", 0.0, 1.0, "eta_cutoff", low_open=True, high_open=True),
 )
 
 

@@ -40,7 +40,7 @@ from vllm_adaptive.kernels.row_stats import row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling.batch_rows import check_batch, selected
 from vllm_adaptive.sampling.mirostat import initial_mu, observed_surprise, update_mu
-from vllm_adaptive.sampling.params import NumberParam
+from vllm_adaptive.sampling.param_spec import NumberParam
 
 __all__ = [
     "NAME", "PARAMS", "MIROSTAT_TAU_DEFAULT", "MIROSTAT_ETA_DEFAULT", "MIROSTAT_M_DEFAULT",

@@ -11,65 +11,40 @@ truth for both.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from vllm_adaptive.config import SamplingConfig
+from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat_v1, top_n_sigma, typical
+from vllm_adaptive.sampling.param_spec import NumberParam, SamplerParamError
+
+__all__ = [
+    "ALL_PARAM_KEYS", "NumberParam", "PARAMS_BY_KEY", "SAMPLERS", "SAMPLER_KEY",
+    "SamplerParamError", "SamplerRequest", "parse_sampler_request", "sampler_name",
+]
 
 SAMPLER_KEY = "adaptive_sampler"
 
 
-class SamplerParamError(ValueError):
-    """A bad per-request argument. `parameter` and `value` are what the client sent."""
+MIROSTAT_V2_PARAMS: tuple[NumberParam, ...] = (
+    NumberParam("mirostat_tau", 0.0, 40.0, "mirostat_tau", low_open=True),
+    NumberParam("mirostat_eta", 0.0, 1.0, "mirostat_eta", low_open=True),
+)
 
-    def __init__(self, message: str, parameter: str, value: Any) -> None:
-        super().__init__(message)
-        self.parameter = parameter
-        self.value = value
-
-
-@dataclasses.dataclass(frozen=True)
-class NumberParam:
-    """A float parameter with an interval; `default_from` names the SamplingConfig field."""
-
-    key: str
-    low: float
-    high: float
-    default_from: str
-    low_open: bool = False
-    high_open: bool = False
-
-    def interval(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-    def parse(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self._error(value)
-        try:
-            number = float(value)
-        except ValueError:
-            raise self._error(value) from None
-        in_range = math.isfinite(number)
-        in_range = in_range and (number > self.low if self.low_open else number >= self.low)
-        in_range = in_range and (number < self.high if self.high_open else number <= self.high)
-        if not in_range:
-            raise self._error(value)
-        return number
-
-    def _error(self, value: Any) -> SamplerParamError:
-        return SamplerParamError(
-            f"{self.key} must be a number in {self.interval()}, got {value!r}", self.key, value
-        )
-
-
-# sampler name -> its parameters. Ranges follow the references cited in each sampler module.
+# sampler name -> its parameters. Ranges and defaults are explained in each sampler's module.
 SAMPLERS: dict[str, tuple[NumberParam, ...]] = {
-    "mirostat_v2": (
-        NumberParam("mirostat_tau", 0.0, 40.0, "mirostat_tau", low_open=True),
-        NumberParam("mirostat_eta", 0.0, 1.0, "mirostat_eta", low_open=True),
-    ),
+    "mirostat_v1": mirostat_v1.PARAMS,
+    "mirostat_v2": MIROSTAT_V2_PARAMS,
+    "dynatemp": dynatemp.PARAMS,
+    "edt": dynatemp.EDT_PARAMS,
+    "typical": typical.PARAMS,
+    "epsilon": epsilon_eta.EPSILON_PARAMS,
+    "eta": epsilon_eta.ETA_PARAMS,
+    "top_n_sigma": top_n_sigma.PARAMS,
 }
+
+# Each parameter key, with its range; a key shared by samplers has one definition.
+PARAMS_BY_KEY: dict[str, NumberParam] = {p.key: p for ps in SAMPLERS.values() for p in ps}
 
 ALL_PARAM_KEYS: frozenset[str] = frozenset(p.key for ps in SAMPLERS.values() for p in ps)
 

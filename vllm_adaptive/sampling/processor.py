@@ -4,11 +4,14 @@ vLLM has two logits-processor interfaces: the V1 runner's (CPU, and GPU with
 `VLLM_USE_V2_MODEL_RUNNER=0`) and Model Runner V2's. `AdaptiveLogitsProcessor` subclasses both
 and tells them apart by its constructor's arguments, so one class loads under either runner.
 
+Each step the rows of the requests that chose a sampler are grouped by sampler and each group is
+handled by one batched call (`dispatch.ENTRIES`); rows of other requests are never written.
 V1: the processor declares itself argmax-invariant (every sampler keeps the top token), so vLLM
-runs it after temperature, on the batch's random-sampling rows: Mirostat sees the tempered
+runs it after temperature (and after min-p), before top-k/top-p: the samplers see the tempered
 distribution, as in llama.cpp's chain (temperature, then mirostat). MRV2 runs custom processors
-before temperature, so there the processor divides by the request's temperature itself to find
-the keep-set and masks the unscaled row (same kept set, same final distribution).
+before temperature, so there the processor divides by the request's temperature itself, applies
+the sampler, and hands back the unscaled row (masked samplers: the same entries masked; dynamic
+temperature: the new row times the request's temperature, which vLLM then divides out).
 
 Per-request state (Mirostat's mu) lives in `_RequestState`, found through the request's
 `SamplingParams` object, which the runner keeps for a request's whole life, preemptions
@@ -32,6 +35,7 @@ from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1Logit
 from vllm_adaptive import metrics
 from vllm_adaptive.config import AdaptiveConfig, SamplingConfig
 from vllm_adaptive.sampling import mirostat
+from vllm_adaptive.sampling.dispatch import ENTRIES, SamplerEntry
 from vllm_adaptive.sampling.params import (
     SamplerParamError,
     SamplerRequest,
@@ -78,13 +82,13 @@ class _Row:
 
 
 def _new_state(request: SamplerRequest, params: Any, output_ids: list[int] | None) -> _RequestState:
-    tau = request.values["mirostat_tau"]
+    tau = request.values.get("mirostat_tau")
     return _RequestState(
         request=request,
         params_ref=weakref.ref(params),
         temperature=float(params.temperature),
         output_ids=output_ids,
-        mu=mirostat.initial_mu(tau),
+        mu=mirostat.initial_mu(tau) if tau is not None else 0.0,
     )
 
 
@@ -206,18 +210,34 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         if not self._book.active:
             return logits
         rows = self._rows_this_step(logits, ctx)
-        try:
-            self._observe_sampled_tokens(rows)
-            return self._apply_mirostat(logits, rows)
-        except Exception:  # a policy failure must never take the engine down
-            self.failures += 1
-            logger.exception(
-                "vllm-adaptive: sampler failed on %d request(s); they continue with plain "
-                "sampling", len(rows)
-            )
-            for r in rows:
-                self._book.active.pop(r.slot, None)
-            return logits
+        stateful = [r for r in rows if ENTRIES[r.state.request.name].stateful]
+        if stateful and not self._guarded(stateful, self._observe_sampled_tokens, stateful)[0]:
+            rows = [r for r in rows if not ENTRIES[r.state.request.name].stateful]
+        groups: dict[str, list[_Row]] = {}
+        for r in rows:
+            groups.setdefault(r.state.request.name, []).append(r)
+        saved_rows: list[torch.Tensor] = []
+        saved_lse: list[torch.Tensor] = []
+        for name, group in groups.items():
+            entry = ENTRIES[name]
+            ok, result = self._guarded(group, self._apply_group, logits, entry, group)
+            if not (ok and entry.stateful):
+                continue
+            scaled, kept_lse = result
+            offset = sum(part.shape[0] for part in saved_rows)
+            saved_rows.append(scaled)
+            saved_lse.append(kept_lse)
+            for i, r in enumerate(group):
+                # Under speculative decoding (several rows per request) mu follows committed
+                # tokens only from single-row steps.
+                r.state.pending_index = offset + i if r.single else None
+                r.state.pending_len = self._current_len(r.state, r.slot)
+        if saved_rows:
+            self._prev_rows = saved_rows[0] if len(saved_rows) == 1 else torch.cat(saved_rows)
+            self._prev_lse = saved_lse[0] if len(saved_lse) == 1 else torch.cat(saved_lse)
+        else:
+            self._prev_rows = self._prev_lse = None
+        return logits
 
     # ---- internals ----------------------------------------------------------------------
 
@@ -234,8 +254,8 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
             # Admission validates first; reaching here means a caller skipped it. Serve plainly.
             logger.warning("vllm-adaptive: invalid sampler arguments reached the worker; ignored")
             return None
-        if request is None:
-            return None
+        if request is None or float(params.temperature) < _GREEDY_TEMPERATURE:
+            return None  # greedy rows take the argmax, which every sampler keeps
         return _new_state(request, params, output_ids)
 
     def _rows_this_step(self, logits: torch.Tensor, ctx: Any) -> list[_Row]:
@@ -303,29 +323,59 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         values = state.request.values
         state.mu = mirostat.update_mu(state.mu, surprise, values["mirostat_tau"], values["mirostat_eta"])
 
-    def _apply_mirostat(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        if not rows:
-            return logits
+    def _guarded(self, rows: list[_Row], fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Run one sampler step for `rows`; on failure, serve those requests plainly from now on.
+
+        Returns (True, fn's result), or (False, None) after a failure, which is logged and
+        counted. Logits rows are written only once a sampler has finished, so a failure leaves
+        them as they were.
+        """
+        try:
+            result = fn(*args)
+        except Exception:  # a policy failure must never take the engine down
+            self.failures += 1
+            names = sorted({r.state.request.name for r in rows})
+            logger.exception(
+                "vllm-adaptive: sampler %s failed on %d request(s); they continue with plain "
+                "sampling", ", ".join(names), len(rows)
+            )
+            for r in rows:
+                self._book.active.pop(r.slot, None)
+                r.state.pending_index, r.state.saved_row = None, None
+            return False, None
+        return True, result
+
+    def _apply_group(
+        self, logits: torch.Tensor, entry: SamplerEntry, group: list[_Row]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Apply one sampler to its requests' rows; Mirostat returns (rows, kept lse) to keep."""
         device = logits.device
-        index = torch.tensor([r.row for r in rows], device=device)
-        mu = torch.tensor([r.state.mu for r in rows], dtype=logits.dtype, device=device)
+        index = torch.tensor([r.row for r in group], device=device)
         selected = logits.index_select(0, index)
+        t0 = torch.tensor([r.state.temperature for r in group], dtype=torch.float32, device=device)
         if self.runner_interface == "v1":
-            scaled = selected  # V1 runs us after temperature
-            kept_lse = mirostat.apply_keep_set_(scaled, mu)
-            logits.index_copy_(0, index, scaled)
-        else:  # MRV2 runs us before temperature: find the keep-set at the request's temperature
-            temps = torch.tensor([r.state.temperature for r in rows], dtype=logits.dtype)
-            scaled = selected / temps.to(device).unsqueeze(-1)
-            kept_lse = mirostat.apply_keep_set_(scaled, mu)
-            logits.index_copy_(0, index, selected.masked_fill(scaled == float("-inf"), float("-inf")))
-        self._prev_rows, self._prev_lse = scaled, kept_lse
-        for i, r in enumerate(rows):
-            # Under speculative decoding (several rows per request) mu follows committed tokens
-            # only from single-row steps.
-            r.state.pending_index = i if r.single else None
-            r.state.pending_len = self._current_len(r.state, r.slot)
-        return logits
+            scaled = selected.float()  # V1 runs us after temperature
+        else:  # MRV2 runs us before temperature: apply the sampler at the request's temperature
+            scaled = selected.float() / t0.unsqueeze(-1)
+        params = {
+            key: torch.tensor(
+                [r.state.request.values[key] for r in group], dtype=torch.float32, device=device
+            )
+            for key in group[0].state.request.values
+        }
+        if entry.stateful:
+            params["mu"] = torch.tensor([r.state.mu for r in group], dtype=torch.float32, device=device)
+        kept_lse = entry.apply(scaled, params, t0)
+        if self.runner_interface == "v1":
+            out = scaled
+        elif entry.rescales:  # vLLM divides by the request's temperature after us
+            out = scaled * t0.unsqueeze(-1)
+        else:
+            out = selected.masked_fill(scaled == float("-inf"), float("-inf"))
+        logits.index_copy_(0, index, out.to(logits.dtype))
+        if kept_lse is None:
+            return None
+        return scaled, kept_lse
 
     def _save_pending(self, state: _RequestState) -> None:
         """Copy a request's pending row out of the shared buffer before it leaves the batch."""

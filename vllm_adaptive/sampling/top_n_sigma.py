@@ -23,7 +23,7 @@ import torch
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling.batch_rows import check_batch
-from vllm_adaptive.sampling.params import NumberParam
+from vllm_adaptive.sampling.param_spec import NumberParam
 
 NAME = "top_n_sigma"
 TOP_N_SIGMA_DEFAULT = 1.0

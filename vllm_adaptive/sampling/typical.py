@@ -12,7 +12,9 @@ the largest logit) is always kept as well, so the sampler never removes the argm
 keeps at least the most typical token, and the paper's set may exclude the argmax. Adding it can
 only raise the kept mass above typical_p.
 
-Parameter: typical_p in (0, 1]; 1.0 (the default, as in HF and llama.cpp) leaves rows as they are.
+Parameter: typical_p in (0, 1]; 1.0 leaves rows as they are. HF and llama.cpp default to 1.0
+(the stage is off until set); here choosing the sampler is the opt-in, so the default is 0.95,
+the value Meister et al. use for abstractive summarization (they use 0.2 for story generation).
 
 Why a sort: the cut is a mass quantile in the order of the score, and that order is not the order
 of the logits (tokens more probable than typical are dropped too: the kept set is an interval
@@ -31,10 +33,10 @@ import torch
 
 from vllm_adaptive.kernels.row_stats import row_stats
 from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
-from vllm_adaptive.sampling.params import NumberParam
+from vllm_adaptive.sampling.param_spec import NumberParam
 
 NAME = "typical"
-TYPICAL_P_DEFAULT = 1.0
+TYPICAL_P_DEFAULT = 0.95
 
 PARAMS: tuple[NumberParam, ...] = (
     NumberParam("typical_p", 0.0, 1.0, "typical_p", low_open=True),
