@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -45,8 +46,19 @@ class TinyLlamaSpec:
             )
 
     def key(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True)
+        """Cache key: the shape, the builder's version and the tokenizer the model is built with."""
+        blob = json.dumps(
+            {**dataclasses.asdict(self), "builder": BUILDER_VERSION,
+             "tokenizer": tokenizer_fingerprint(self.vocab_size)},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_fingerprint(vocab_size: int) -> str:
+    """sha256 of the tokenizer JSON: a changed tokenizer (or corpus) means a new model folder."""
+    return hashlib.sha256(train_tokenizer(vocab_size).to_str().encode()).hexdigest()
 
 
 def cache_root() -> Path:

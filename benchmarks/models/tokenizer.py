@@ -1,9 +1,15 @@
-"""The project's BPE tokenizer, trained deterministically on a synthetic corpus.
+"""The project's BPE tokenizer, trained deterministically on text from the task generators.
 
 No model hub is reachable, so every model the project serves uses this tokenizer: byte-level
-BPE (nothing is ever unknown), with `<s>`, `</s>` and `<pad>` specials and a small chat
-template so `/v1/chat/completions` works. The corpus covers words, digits and arithmetic so
-later task models (arith, recall) share the same vocabulary.
+BPE (nothing is ever unknown), with `<pad>`, `<s>`, `</s>` specials (ids 0, 1, 2) and a small
+chat template so `/v1/chat/completions` works.
+
+Pre-tokenization is chosen for the tasks (benchmarks/tasks): every digit is its own token, so
+numbers have one token per digit and arithmetic lines a fixed length; spaces are tokens of
+their own, so a word is the same token wherever it stands (`mip` at the start of a line and in
+`query: mip` alike, which is what lets a model copy a recall key). The BPE merges are learnt
+from the task generators' training stream (plus a few chat lines), so the vocabulary covers the
+tasks: every recall key and every word of the text grammar is a single token from 1024 tokens up.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
@@ -23,7 +29,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
-_WORDS = (
+# Documents of the training stream the merges are learnt from; recall documents are kept short
+# (the vocabulary only needs each key often, not long contexts) so training takes ~1 s.
+CORPUS_DOCUMENTS = 3000
+CORPUS_RECALL_TOKENS = 200
+
+# General English for prompts outside the tasks (chat, demos): rarer than any task word, so its
+# merges come after the tasks' and only fill what a larger vocabulary leaves.
+_GENERAL_WORDS = (
     "the a an and or but if then else when while of to in on at by for with from as is are was "
     "were be been it this that these those there here what which who how why can will would "
     "should could may might must do does did done have has had not no yes all any some many few "
@@ -36,35 +49,38 @@ _WORDS = (
     "art war history party result change morning reason research girl guy moment air teacher "
     "force education model server request token cache memory key value query answer sum total "
     "add subtract multiply divide equals step first second third next finally compute result "
-    "small large fast slow good new old great high little long short early late young important"
+    "small large fast slow good new old great high little long short early late young important "
+    "hello world please thank you user assistant"
 ).split()
 
 
-def corpus_lines(seed: int = 1234, n_lines: int = 4000) -> list[str]:
-    """Deterministic training text: sentences, key/value lines and arithmetic."""
+def corpus_lines(seed: int = 1234, n_documents: int = CORPUS_DOCUMENTS) -> list[str]:
+    """Deterministic tokenizer training text: task documents, chat turns and general sentences."""
+    from benchmarks.tasks.mixture import training_texts
+    from benchmarks.tasks.text import generate as story
+
+    documents = training_texts(seed, n_documents, {"arith": 0.4, "recall": 0.3, "text": 0.3},
+                               recall_tokens=CORPUS_RECALL_TOKENS)
     rng = random.Random(seed)
-    lines: list[str] = []
-    for i in range(n_lines):
-        kind = i % 4
-        if kind == 0:
-            words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 16))]
-            lines.append(" ".join(words).capitalize() + ".")
-        elif kind == 1:
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            op = rng.choice("+-*")
-            value = a + b if op == "+" else a - b if op == "-" else a * b
-            lines.append(f"Q: {a} {op} {b} = ?\nA: {value}")
-        elif kind == 2:
-            key = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
-            lines.append(f"key {key} = {rng.randint(0, 99999)};")
-        else:
-            lines.append(f"user: {rng.choice(_WORDS)} {rng.choice(_WORDS)}?\nassistant: ok.")
-    return lines
+    chats = [f"user: {story(rng).prompt}\nassistant: {story(rng).prompt}" for _ in range(n_documents // 20)]
+    general = [
+        " ".join(rng.choice(_GENERAL_WORDS) for _ in range(rng.randint(5, 16))).capitalize() + "."
+        for _ in range(n_documents // 5)
+    ]
+    return documents + chats + general
+
+
+def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(" "), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
 
 
 def train_tokenizer(vocab_size: int, seed: int = 1234) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
