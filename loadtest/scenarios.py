@@ -34,7 +34,14 @@ SCENARIOS: dict[str, Scenario] = {
     "greedy": Scenario("vLLM's greedy decoding (temperature 0)", {"temperature": 0.0}),
     # One per adaptive sampler the plugin serves (vllm_adaptive.sampling.params.SAMPLERS), with
     # typical settings; add a line here when a sampler is registered there.
+    "mirostat_v1": _sampler("mirostat_v1", mirostat_tau=3.0, mirostat_eta=0.1, mirostat_m=100),
     "mirostat_v2": _sampler("mirostat_v2", mirostat_tau=3.0, mirostat_eta=0.1),
+    "dynatemp": _sampler("dynatemp", dynatemp_range=0.5, dynatemp_exponent=1.0),
+    "edt": _sampler("edt", edt_base=0.8, edt_theta=1.0),
+    "typical": _sampler("typical", typical_p=0.9),
+    "epsilon": _sampler("epsilon", epsilon=3e-4),
+    "eta": _sampler("eta", eta_cutoff=6e-4),
+    "top_n_sigma": _sampler("top_n_sigma", top_n_sigma=1.0),
 }
 
 DEFAULT_SCENARIO = "plain"
