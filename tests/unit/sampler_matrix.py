@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from hypothesis import strategies as st
 
-from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat_v1, top_n_sigma, typical
+from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat, mirostat_v1, top_n_sigma, typical
 
 NEG_INF = float("-inf")
 
@@ -53,6 +53,18 @@ def unit_interval(low: float, high: float) -> st.SearchStrategy[float]:
     return st.floats(low, high, allow_nan=False, allow_infinity=False)
 
 
+def _on_rows(
+    x: torch.Tensor, rows: torch.Tensor | None, apply: Callable[[torch.Tensor], object]
+) -> None:
+    """Run a whole-matrix sampler on the selected rows only (the processor passes it a copy)."""
+    if rows is None:
+        apply(x)
+        return
+    sub = x.index_select(0, rows.long())
+    apply(sub)
+    x.index_copy_(0, rows.long(), sub)
+
+
 CASES: list[SamplerCase] = [
     SamplerCase(
         "typical",
@@ -83,6 +95,14 @@ CASES: list[SamplerCase] = [
         easy={"top_n_sigma": 1.0},
         hard={"top_n_sigma": 1e-3},
         strategies={"top_n_sigma": unit_interval(1e-6, 100.0)},
+    ),
+    SamplerCase(
+        "mirostat_v2",
+        lambda x, p, rows: _on_rows(x, rows, lambda sub: mirostat.apply_keep_set_(sub, p["mu"])),
+        masked(lambda row, p: mirostat.keep_set_reference(row, p["mu"])),
+        easy={"mu": 10.0},
+        hard={"mu": 0.05},
+        strategies={"mu": unit_interval(-5.0, 80.0)},
     ),
     SamplerCase(
         "mirostat_v1",

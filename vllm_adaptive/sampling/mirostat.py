@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from vllm_adaptive.sampling.batch_rows import check_batch
+
 LN2 = math.log(2.0)
 
 
@@ -40,6 +42,7 @@ def apply_keep_set_(logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     distribution, needed later to measure the surprise of the token that gets sampled.
     Rows whose logits are all -inf are left as they are (their normaliser is -inf).
     """
+    check_batch("mirostat_v2", logits, None, mu=mu)
     threshold = keep_threshold(logits, mu)
     logits.masked_fill_(logits < threshold.unsqueeze(-1), float("-inf"))
     return torch.logsumexp(logits, dim=-1)
@@ -55,15 +58,16 @@ def update_mu(mu: float, surprise_bits: float, tau: float, eta: float) -> float:
 
 
 def keep_set_reference(logits: torch.Tensor, mu: float) -> torch.Tensor:
-    """llama.cpp's loop for one row [V]: sort by probability, keep while -log2 p <= mu, >= 1 token.
+    """llama.cpp's loop for one row [V]: sort by probability, keep while -log2 p <= mu.
 
-    Returns a bool mask [V] of kept tokens (ties at the boundary are all kept or all dropped,
-    as a threshold on p does).
+    Returns a bool mask [V] of kept tokens. Where llama.cpp keeps its first token whatever mu
+    says, this keeps every token tied with the largest logit (the project's "top token" rule:
+    ties are decided by value, never by position); ties at the mu boundary are all kept or all
+    dropped, as a threshold on p does.
     """
     probs = torch.softmax(logits.double(), dim=-1)
     order = torch.argsort(probs, descending=True, stable=True)
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    keep[order[0]] = True
+    keep = (logits == logits.max()) & (logits > float("-inf"))
     for idx in order[1:].tolist():
         p = probs[idx].item()
         if p <= 0.0 or -math.log2(p) > mu:
