@@ -71,9 +71,11 @@ def engine_kwargs(
     processors = list(logits_processors or [])
     if speculative_config:
         # vLLM's V1 runner refuses custom logits processors under speculative decoding.
+        # Requests that name a sampler are refused at admission (patch spec-decode-admission).
         logger.warning(
             "vllm-adaptive: speculative decoding is configured, so per-request adaptive "
-            "samplers are not loaded for this deployment"
+            "samplers are off for this deployment; requests naming adaptive_sampler get a "
+            "validation error (HTTP 400)"
         )
         other["speculative_config"] = speculative_config
     elif PROCESSOR_FQCN not in processors:
