@@ -1,0 +1,95 @@
+"""The project's draft/target pair: architectures and training recipes, one config each.
+
+`python -m benchmarks.models.train` trains both (cached; see train.py). The shapes come from the
+sizing study (`python -m benchmarks.models.sizing`): in vLLM's CPU engine, small models cost
+mostly fixed per-step and per-layer time, so the target is deep (many layers, each adding
+engine time at batch 1) and narrow (few parameters, so it trains in minutes on 2 cores), and the
+draft is a single narrow layer. Every field here is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from benchmarks.models.llama import LlamaShape
+
+VOCAB_SIZE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one row length and one recall prompt-length range."""
+
+    steps: int
+    seq_len: int  # tokens per packed row
+    rows: int  # rows per optimizer step
+    recall_tokens: tuple[int, int]  # recall prompt length range (tokens), drawn per document
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.rows < 1:
+            raise ValueError(f"steps and rows must be >= 1, got {self.steps}, {self.rows}")
+        if self.recall_tokens[1] + 32 > self.seq_len:
+            raise ValueError(f"recall prompts up to {self.recall_tokens[1]} tokens do not fit rows of {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """What to train and how: the model's shape, the data mixture and the optimizer schedule."""
+
+    name: str
+    shape: LlamaShape
+    phases: tuple[Phase, ...]
+    # Documents per task (not tokens); see benchmarks.tasks.mixture.training_texts.
+    weights: tuple[tuple[str, float], ...] = (("arith", 0.6), ("recall", 0.15), ("text", 0.25))
+    # Loss weight of prompt tokens per task (completion tokens and EOS weigh 1). Arith operands and
+    # recall pairs are random: predicting them teaches nothing, so only text prompts count.
+    prompt_loss_weight: tuple[tuple[str, float], ...] = (("arith", 0.0), ("recall", 0.0), ("text", 1.0))
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    initializer_range: float = 0.02
+    bf16_autocast: bool = False  # measured: not faster than float32 here (oneDNN, AVX-512 BF16)
+    threads: int = 2  # fixed, so results do not depend on the machine's core count
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.steps * p.rows * p.seq_len for p in self.phases)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+DRAFT = TrainingConfig(
+    name="adaptive-draft",
+    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
+                     intermediate_size=384),
+    phases=(
+        Phase(steps=150, seq_len=512, rows=8, recall_tokens=(60, 400)),
+        Phase(steps=50, seq_len=2048, rows=2, recall_tokens=(400, 1900)),
+    ),
+)
+
+TARGET = TrainingConfig(
+    name="adaptive-target",
+    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4,
+                     intermediate_size=768),
+    phases=(
+        Phase(steps=300, seq_len=512, rows=8, recall_tokens=(60, 400)),
+        Phase(steps=100, seq_len=2048, rows=2, recall_tokens=(400, 1900)),
+    ),
+)
+
+CONFIGS = {"draft": DRAFT, "target": TARGET}

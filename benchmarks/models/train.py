@@ -1,0 +1,438 @@
+"""Train the project's draft and target models on CPU, deterministically, and cache them.
+
+    python -m benchmarks.models.train                    # both (cached after the first run)
+    python -m benchmarks.models.train --model target --print-path   # for scripts: the folder only
+    python -m benchmarks.models.train --check 100        # plus a quick held-out accuracy check
+
+Each model is a Llama (`benchmarks.models.llama`) trained from scratch on the task mixture of
+`benchmarks.tasks.mixture` (arith with a worked scratchpad, key-value recall in long contexts,
+stories), with the recipe in `benchmarks.models.pair`. What makes minutes of CPU enough:
+
+- documents are packed into rows, each token attending only within its own document and
+  positions restarting at each document, so no compute goes to padding or to attention across
+  unrelated documents, and every document looks like an evaluation prompt (BOS at position 0);
+- loss only where there is something to learn: task completions and EOS (prompts of arith and
+  recall are random numbers and keys), plus the text prompts;
+- a curriculum on recall length: short haystacks first, where the lookup (an induction head) is
+  learnt cheaply, then full-length ones;
+- AdamW with linear warmup and cosine decay, bfloat16 autocast (faster than float32 on CPUs with
+  AVX-512 BF16), fixed seeds, a fixed thread count and deterministic algorithms.
+
+Results are cached under `$VLLM_ADAPTIVE_CACHE/models` (default `~/.cache/vllm-adaptive/models`)
+in a folder named after the model and a hash of everything that decides the weights: the
+training config, this trainer's version, the tokenizer and a sample of the task data. A model is
+trained into a temporary folder and renamed into place when complete, so an interrupted run never
+leaves a folder that looks finished; a lock keeps two processes from training the same model.
+Progress (loss, tokens/s, ETA) goes to stderr; stdout carries only the model folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from benchmarks.models.pair import CONFIGS, Phase, TrainingConfig
+from benchmarks.models.tiny import cache_root
+
+TRAINER_VERSION = 1
+PACKING_WINDOW = 16  # open rows a document may be placed into (first fit)
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+def data_fingerprint() -> str:
+    """A hash of sample task data: changes when a task generator's output changes."""
+    from benchmarks.tasks.mixture import TASKS, eval_examples, training_examples
+
+    sample = training_examples(0, 60, recall_tokens=(60, 300))
+    sample += [e for task in TASKS for e in eval_examples(task, n=3)]
+    blob = json.dumps([dataclasses.asdict(e) for e in sample])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(config: TrainingConfig, tokenizer_json: str, data: str) -> str:
+    blob = json.dumps({"config": config.digest(), "trainer": TRAINER_VERSION,
+                       "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(), "data": data})
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def model_dir(config: TrainingConfig, key: str) -> Path:
+    return cache_root() / "models" / f"{config.name}-{key}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "training.json").is_file()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_trained(config: TrainingConfig, *, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """The folder of `config`'s trained model, training it first if it is not cached."""
+    from benchmarks.models.tokenizer import train_tokenizer
+
+    log = log or _stderr
+    tokenizer = train_tokenizer(config.shape.vocab_size)
+    key = cache_key(config, tokenizer.to_str(), data_fingerprint())
+    target = model_dir(config, key)
+    if is_complete(target) and not force:
+        return target
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if is_complete(target) and not force:  # trained by another process meanwhile
+            return target
+        log(f"training {config.name} ({config.shape.parameter_count() / 1e6:.2f}M parameters, "
+            f"{config.steps} steps, {config.tokens / 1e6:.1f}M tokens) into {target}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            train(config, tokenizer, tmp, key=key, log=log)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- data ------------------------------------------------------------------------------------
+
+TASK_ORDER = ("arith", "recall", "text")  # task ids in PackedRows.tasks
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Rows of packed documents: inputs, next-token targets, loss weights, per-document
+    positions, document ids (-1 = padding) and task ids (for per-task loss logs), each
+    [rows, seq_len]."""
+
+    inputs: "torch.Tensor"
+    targets: "torch.Tensor"
+    weights: "torch.Tensor"
+    positions: "torch.Tensor"
+    documents: "torch.Tensor"
+    tasks: "torch.Tensor"
+
+
+Document = tuple[list[int], list[float], int]  # token ids, loss weights, task id
+
+
+def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, float]) -> list[Document]:
+    """`[BOS] prompt completion [EOS]` token ids, the loss weight of predicting each token
+    after the first, and the task id. Prompt and completion are tokenized apart, as in evaluation, where the
+    prompt is encoded alone and the model writes the completion."""
+    from benchmarks.models.tokenizer import BOS, EOS
+
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    prompts = tokenizer.encode_batch([e.prompt for e in examples], add_special_tokens=False)
+    completions = tokenizer.encode_batch([e.completion for e in examples], add_special_tokens=False)
+    documents = []
+    for example, prompt, completion in zip(examples, prompts, completions):
+        ids = [bos, *prompt.ids, *completion.ids, eos]
+        weights = [prompt_weight.get(example.task, 0.0)] * len(prompt.ids) + [1.0] * (len(completion.ids) + 1)
+        documents.append((ids, weights, TASK_ORDER.index(example.task)))
+    return documents
+
+
+def pack(documents: Sequence[Document], seq_len: int, rows: int, pad_id: int) -> PackedRows | None:
+    """First-fit packing of whole documents into `rows` rows of `seq_len` (None if too few)."""
+    import torch
+
+    closed: list[list[Document]] = []
+    open_rows: list[tuple[int, list]] = []  # (free tokens, documents)
+    for doc in documents:
+        length = len(doc[0]) - 1  # inputs are ids[:-1]
+        if length > seq_len:
+            continue
+        for i, (free, docs) in enumerate(open_rows):
+            if length <= free:
+                docs.append(doc)
+                open_rows[i] = (free - length, docs)
+                break
+        else:
+            open_rows.append((seq_len - length, [doc]))
+            if len(open_rows) > PACKING_WINDOW:
+                closed.append(open_rows.pop(0)[1])
+        if len(closed) >= rows:
+            break
+    if len(closed) < rows:
+        return None
+    shape = (rows, seq_len)
+    inputs = torch.full(shape, pad_id, dtype=torch.long)
+    targets = torch.full(shape, pad_id, dtype=torch.long)
+    weights = torch.zeros(shape)
+    positions = torch.zeros(shape, dtype=torch.long)
+    documents_ = torch.full(shape, -1, dtype=torch.long)
+    tasks = torch.full(shape, -1, dtype=torch.long)
+    for r, docs in enumerate(closed[:rows]):
+        at = 0
+        for d, (ids, w, task) in enumerate(docs):
+            n = len(ids) - 1
+            inputs[r, at:at + n] = torch.tensor(ids[:-1])
+            targets[r, at:at + n] = torch.tensor(ids[1:])
+            weights[r, at:at + n] = torch.tensor(w)
+            positions[r, at:at + n] = torch.arange(n)
+            documents_[r, at:at + n] = d
+            tasks[r, at:at + n] = task
+            at += n
+    return PackedRows(inputs, targets, weights, positions, documents_, tasks)
+
+
+def phase_rows(config: TrainingConfig, index: int, phase: Phase, tokenizer) -> PackedRows:
+    """All rows of one phase, from its own seed (deterministic)."""
+    from benchmarks.models.tokenizer import PAD
+    from benchmarks.tasks.mixture import training_examples
+
+    rows = phase.steps * phase.rows
+    mean_recall = sum(phase.recall_tokens) / 2
+    weights = dict(config.weights)
+    total = sum(weights.values())
+    mean_doc = sum(w / total * (mean_recall if t == "recall" else 90) for t, w in weights.items())
+    n = int(rows * phase.seq_len / mean_doc * 1.2) + 16
+    while True:
+        examples = training_examples(config.seed * 1000 + index, n, weights, recall_tokens=phase.recall_tokens)
+        packed = pack(encode_documents(tokenizer, examples, dict(config.prompt_loss_weight)),
+                      phase.seq_len, rows, tokenizer.token_to_id(PAD))
+        if packed is not None:
+            return packed
+        n *= 2
+
+
+def attention_mask(documents: "torch.Tensor") -> "torch.Tensor":
+    """[b, 1, t, t] boolean: causal and within the same document."""
+    import torch
+
+    t = documents.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
+# --- training --------------------------------------------------------------------------------
+
+def learning_rate(config: TrainingConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def deterministic_setup(config: TrainingConfig) -> None:
+    import torch
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def build_model(config: TrainingConfig):
+    from benchmarks.models.llama import Llama
+
+    return Llama(config.shape, config.initializer_range)
+
+
+def optimizer_for(model, config: TrainingConfig):
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed_tokens" not in n)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
+
+
+def loss_on(model, rows: PackedRows, config: TrainingConfig) -> tuple["torch.Tensor", dict[str, float]]:
+    """Weighted mean next-token cross-entropy (logits only where the weight is positive), and
+    each task's mean loss in the batch (for the logs)."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = attention_mask(rows.documents)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast)
+    with autocast:
+        hidden = model.hidden_states(rows.inputs, rows.positions, mask)
+        selected = rows.weights > 0
+        logits = model.lm_head(hidden[selected])
+    losses = F.cross_entropy(logits.float(), rows.targets[selected], reduction="none")
+    weights = rows.weights[selected]
+    tasks = rows.tasks[selected]
+    per_task = {}
+    with torch.no_grad():
+        for i, task in enumerate(TASK_ORDER):
+            here = tasks == i
+            if here.any():
+                per_task[task] = ((losses[here] * weights[here]).sum() / weights[here].sum()).item()
+    return (losses * weights).sum() / weights.sum(), per_task
+
+
+class Progress:
+    """A tqdm bar on a terminal, a log line every ~5% otherwise."""
+
+    def __init__(self, total: int, name: str, log: Callable[[str], None]) -> None:
+        self.total, self.name, self.log = total, name, log
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"train {name}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.every = max(1, total // 20)
+        self.start = time.perf_counter()
+
+    def update(self, step: int, losses: dict[str, float], tokens_per_s: float, phase: int) -> None:
+        shown = " ".join(f"{task} {value:.3f}" for task, value in losses.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {shown}, {tokens_per_s:.0f} tok/s, phase {phase}", refresh=False)
+            self.bar.update(1)
+        elif (step + 1) % self.every == 0 or step + 1 == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / (step + 1) * (self.total - step - 1)
+            self.log(f"{self.name}: step {step + 1}/{self.total} phase {phase} loss {shown} "
+                     f"{tokens_per_s:.0f} tok/s elapsed {elapsed:.0f}s ETA {eta:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | None = None):
+    """Train `config`'s model in this process; returns (model, history)."""
+    import torch
+
+    log = log or _stderr
+    deterministic_setup(config)
+    model = build_model(config)
+    optimizer = optimizer_for(model, config)
+    history: list[dict] = []
+    progress = Progress(config.steps, config.name, log)
+    step, smoothed = 0, {}
+    start = time.perf_counter()
+    tokens_seen = 0
+    try:
+        for index, phase in enumerate(config.phases):
+            data = phase_rows(config, index, phase, tokenizer)
+            for phase_step in range(phase.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, step)
+                rows = slice(phase_step * phase.rows, (phase_step + 1) * phase.rows)
+                batch = PackedRows(*(getattr(data, f.name)[rows] for f in dataclasses.fields(PackedRows)))
+                loss, per_task = loss_on(model, batch, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                value = loss.item()
+                for task, task_loss in {"all": value, **per_task}.items():
+                    smoothed[task] = 0.9 * smoothed.get(task, task_loss) + 0.1 * task_loss
+                tokens_seen += phase.rows * phase.seq_len
+                elapsed = time.perf_counter() - start
+                progress.update(step, smoothed, tokens_seen / elapsed, index)
+                history.append({"step": step, "phase": index, "loss": round(value, 5), "seconds": round(elapsed, 2),
+                                **{task: round(v, 4) for task, v in per_task.items()}})
+                step += 1
+    finally:
+        progress.close()
+    return model, history
+
+
+def train(config: TrainingConfig, tokenizer, out_dir: Path, *, key: str = "", log: Callable[[str], None] | None = None) -> None:
+    """Train and write a Hugging Face Llama folder (weights, tokenizer, training.json) to out_dir."""
+    import torch
+
+    from benchmarks.models.llama import save_hf
+    from benchmarks.models.tokenizer import BOS, EOS, PAD, save_tokenizer
+
+    start = time.perf_counter()
+    model, history = train_model(config, tokenizer, log)
+    seconds = time.perf_counter() - start
+    ids = {name: tokenizer.token_to_id(tok) for name, tok in (("bos_id", BOS), ("eos_id", EOS), ("pad_id", PAD))}
+    save_hf(model, out_dir, **ids)
+    save_tokenizer(tokenizer, out_dir, config.shape.max_position_embeddings)
+    final = sum(h["loss"] for h in history[-20:]) / len(history[-20:])
+    record = {
+        "name": config.name, "key": key, "config": config.to_json(), "trainer_version": TRAINER_VERSION,
+        "parameters": config.shape.parameter_count(), "seconds": round(seconds, 1), "final_loss": round(final, 4),
+        "torch": torch.__version__, "history": history,
+    }
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")  # written last: marks completion
+
+
+# --- quick check -----------------------------------------------------------------------------
+
+def quick_check(path: Path, tasks: Sequence[str], n: int, max_tokens: dict[str, int] | None = None) -> dict[str, float]:
+    """Greedy held-out accuracy with transformers' generate (cheap; vLLM's figures come from
+    benchmarks.evaluate)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from benchmarks.tasks.mixture import eval_examples, task_module
+
+    limits = {"arith": 128, "recall": 24, "text": 64} | (max_tokens or {})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    accuracy = {}
+    for task in tasks:
+        examples, module = eval_examples(task, n=n), task_module(task)
+        correct = 0
+        batch_size = 8 if task == "recall" else 32
+        for i in range(0, n, batch_size):
+            chunk = examples[i:i + batch_size]
+            encoded = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model.generate(**encoded, max_new_tokens=limits[task], do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += sum(module.is_correct(e, t) for e, t in zip(chunk, texts))
+        accuracy[task] = correct / n
+    return accuracy
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*CONFIGS, "both"], default="both")
+    parser.add_argument("--print-path", action="store_true", help="print only the model folder (one model)")
+    parser.add_argument("--force", action="store_true", help="train even if cached")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="after training, greedy accuracy on N held-out arith and recall examples (transformers)")
+    args = parser.parse_args(argv)
+    names = list(CONFIGS) if args.model == "both" else [args.model]
+    if args.print_path and len(names) != 1:
+        parser.error("--print-path needs --model draft or --model target")
+    for name in names:
+        start = time.perf_counter()
+        path = ensure_trained(CONFIGS[name], force=args.force)
+        record = json.loads((path / "training.json").read_text())
+        _stderr(f"{name}: {path} (trained in {record['seconds']:.0f}s, final loss {record['final_loss']:.3f}; "
+                f"this call {time.perf_counter() - start:.0f}s)")
+        if args.check:
+            _stderr(f"{name}: held-out accuracy (transformers, greedy, n={args.check}): "
+                    f"{quick_check(path, ['arith', 'recall'], args.check)}")
+        print(path if args.print_path else f"{name}: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

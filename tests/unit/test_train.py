@@ -1,0 +1,146 @@
+"""The model trainer on a tiny recipe (seconds): deterministic, cached, atomic, HF/vLLM-loadable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.models import train as trainer
+from benchmarks.models.llama import Llama, LlamaShape
+from benchmarks.models.pair import Phase, TrainingConfig
+from benchmarks.models.tokenizer import train_tokenizer
+from benchmarks.tasks.example import Example
+
+TINY = TrainingConfig(
+    name="test-tiny",
+    shape=LlamaShape(vocab_size=1024, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                     intermediate_size=128),
+    phases=(Phase(steps=16, seq_len=256, rows=2, recall_tokens=(40, 160)),
+            Phase(steps=4, seq_len=512, rows=1, recall_tokens=(160, 400))),
+    lr=1e-2,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TINY.shape.vocab_size)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VLLM_ADAPTIVE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ADAPTIVE_CACHE", str(root))
+        return trainer.ensure_trained(TINY, log=lambda _: None)
+
+
+def test_training_twice_gives_identical_weights(tokenizer) -> None:
+    first, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
+    second, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_loss_decreases(trained_folder: Path) -> None:
+    losses = [h["loss"] for h in json.loads((trained_folder / "training.json").read_text())["history"]]
+    assert len(losses) == TINY.steps
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
+
+
+def test_folder_is_a_hugging_face_llama_with_tokenizer(trained_folder: Path) -> None:
+    config = json.loads((trained_folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["hidden_size"] // config["num_attention_heads"] >= 32  # vLLM's CPU attention
+    assert config["num_hidden_layers"] == TINY.shape.num_layers
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (trained_folder / name).is_file(), name
+    record = json.loads((trained_folder / "training.json").read_text())
+    assert record["config"] == json.loads(json.dumps(TINY.to_json()))
+
+
+def test_saved_weights_compute_what_the_trained_model_computes(trained_folder: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = Llama(TINY.shape)
+    ours.load_state_dict(load_file(trained_folder / "model.safetensors"))
+    hf = AutoModelForCausalLM.from_pretrained(trained_folder, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(trained_folder)("Q: 12+7\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_second_call_reuses_the_cache(trained_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ADAPTIVE_CACHE", str(trained_folder.parent.parent))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("retrained a cached model"))
+    assert trainer.ensure_trained(TINY) == trained_folder
+
+
+def test_cache_key_changes_with_the_config() -> None:
+    data = trainer.data_fingerprint()
+    other = TrainingConfig(**{**TINY.__dict__, "lr": 2e-2})
+    assert trainer.cache_key(TINY, "tok", data) != trainer.cache_key(other, "tok", data)
+    assert trainer.cache_key(TINY, "tok", data) != trainer.cache_key(TINY, "tok2", data)
+    assert trainer.cache_key(TINY, "tok", data) != trainer.cache_key(TINY, "tok", data + "x")
+
+
+def test_interrupted_training_leaves_no_model(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.ensure_trained(TINY, log=lambda _: None)
+    assert list((cache / "models").glob("test-tiny-*")) == []  # no folder a later call could take as done
+
+
+def test_packing_keeps_documents_whole_and_restarts_positions(tokenizer) -> None:
+    examples = [Example("arith", "Q: 1+2\n", "3", "0100+0200=0300\nanswer: 0003"),
+                Example("text", "Once.", "", " The end."),
+                Example("arith", "Q: 5+5\n", "10", "0500+0500=0010\nanswer: 0010")]
+    documents = trainer.encode_documents(tokenizer, examples, {"arith": 0.0, "text": 1.0})
+    lengths = [len(ids) - 1 for ids, _, _ in documents]
+    rows = trainer.pack(documents * 40, seq_len=64, rows=3, pad_id=0)
+    assert rows is not None and rows.inputs.shape == (3, 64)
+    for r in range(3):
+        docs = rows.documents[r]
+        for d in docs.unique().tolist():
+            if d < 0:
+                assert rows.weights[r][docs == d].sum() == 0  # padding carries no loss
+                continue
+            span = (docs == d).nonzero().flatten()
+            assert span.numel() in lengths and span.diff().eq(1).all()  # whole and contiguous
+            assert rows.positions[r, span].tolist() == list(range(span.numel()))
+            assert rows.inputs[r, span[0]] == tokenizer.token_to_id("<s>")
+
+
+def test_arith_prompts_carry_no_loss_and_completions_do(tokenizer) -> None:
+    example = Example("arith", "Q: 1+2\n", "3", "0100+0200=0300\nanswer: 0003")
+    [(ids, weights, task)] = trainer.encode_documents(tokenizer, [example], {"arith": 0.0})
+    prompt_tokens = len(tokenizer.encode(example.prompt, add_special_tokens=False).ids)
+    assert len(weights) == len(ids) - 1
+    assert weights[:prompt_tokens] == [0.0] * prompt_tokens
+    assert set(weights[prompt_tokens:]) == {1.0}
+    assert ids[-1] == tokenizer.token_to_id("</s>")
+    assert trainer.TASK_ORDER[task] == "arith"
+
+
+def test_attention_stays_inside_each_document() -> None:
+    mask = trainer.attention_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
+    assert mask.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [False, False, True, False, False],
+        [False, False, True, True, False],
+        [False, False, False, False, True],
+    ]
