@@ -1,0 +1,411 @@
+"""When does a request's draft end? Batched stop rules for adaptive draft length (issue #5).
+
+At each draft step the proposer has the draft model's next-token distribution for every row still
+drafting ([rows, vocab]). `draft_stats` reduces it to per-row statistics, and a stop rule turns
+those into a `StopDecision` per row: `stop` ends the row's draft after this step, `keep` says
+whether the token drafted at this step stays in the draft. Rules are batched torch, never leave
+the device, and never synchronise with the host.
+
+- `EntropyStopRule`: stop when the draft's entropy H (nats) exceeds a threshold.
+- `AdaEDLStopRule`: Agrawal, Jeon & Lee 2024, "AdaEDL: Early Draft Stopping for Speculative
+  Decoding of Large Language Models via an Entropy-based Lower Bound on Token Acceptance
+  Probability" (NeurIPS ENLSP workshop, PMLR 262; arXiv 2410.18351). 1 - sqrt(gamma * H) is an
+  approximate lower bound on the token's acceptance probability; stop when it falls below
+  lambda. lambda is per request and follows the paper's Algorithm 1 after each verification
+  (`update_lambda`). Defaults are the paper's (gamma 0.2, beta1 0.5, beta2 0.9, eps 0.01,
+  target 0.9). The paper's text could not be read here: the rule and Algorithm 1 follow two
+  independent public implementations that agree with each other and with its abstract.
+- `SpecDecStopRule`: the threshold policy of SpecDec++ (Huang, Guo & Wang 2024, "SpecDec++:
+  Boosting Speculative Decoding via Adaptive Candidate Lengths", arXiv 2405.19715): stop when
+  the probability that at least one token of the current draft is rejected, 1 - prod(a_i),
+  exceeds theta. SpecDec++ trains a head to predict a_i; here a_i comes from
+  `AcceptanceCalibrator`, an online map from the draft's confidence to the acceptance rate the
+  engine observes after verification (no training).
+
+Lossless by construction: a rule sees only the draft side, so every drafted position is still
+verified by vLLM's rejection sampler against a draft token drawn from the distribution it reports.
+One subtlety under random sampling with probabilistic drafts: a rule may drop the token drafted at
+this step (`keep` False) only when its decision depends on the distribution alone, not on which
+token was drawn; otherwise the tokens that reach verification are no longer distributed as the
+draft claims. Entropy and AdaEDL depend on the distribution only; SpecDec++ may use the drawn
+token's probability and therefore always keeps it (it stops *after* the token, as in the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+
+from vllm_adaptive.kernels.row_stats import check_rows, row_stats
+from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+
+
+class DraftStats(NamedTuple):
+    """Statistics of the draft's next-token distribution per row, each float32 [R]."""
+
+    entropy: torch.Tensor  # Shannon entropy, nats
+    top_prob: torch.Tensor  # largest probability
+    token_prob: torch.Tensor  # probability of the drafted token
+
+
+def draft_stats(logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> DraftStats:
+    """Statistics of softmax(logits) [R, V] (-inf entries are masked tokens).
+
+    Pass the logits the draft sampled from (divided by the temperature when it samples); the
+    entropy is that distribution's. `token_ids` [R] are the drafted tokens; None means greedy
+    drafting, whose token is the argmax, so token_prob = top_prob.
+    """
+    check_rows(logits, None, "draft_stats")
+    stats = row_stats(logits)
+    top_prob = torch.exp(stats.row_max - stats.lse)
+    if token_ids is None:
+        token_prob = top_prob
+    else:
+        _check_token_ids(token_ids, logits)
+        token_logit = logits.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1).float()
+        token_prob = torch.exp(token_logit - stats.lse)
+    return DraftStats(entropy=stats.entropy, top_prob=top_prob, token_prob=token_prob)
+
+
+def draft_stats_from_probs(
+    probs: torch.Tensor, token_ids: torch.Tensor | None = None
+) -> DraftStats:
+    """Statistics of probability rows [R, V] (each summing to 1; zeros are masked tokens)."""
+    check_rows(probs, None, "draft_stats_from_probs")
+    return draft_stats(torch.log(probs.float()), token_ids)
+
+
+def _check_token_ids(token_ids: torch.Tensor, logits: torch.Tensor) -> None:
+    if token_ids.shape != logits.shape[:1] or token_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"token_ids must be int32/int64 of shape [{logits.shape[0]}] (one per row), "
+            f"got shape {tuple(token_ids.shape)} dtype {token_ids.dtype}"
+        )
+
+
+class DraftState(NamedTuple):
+    """Per-row state of the drafts in progress, each float32 [R].
+
+    log_survival: sum of log a_i over the tokens this draft has kept so far (SpecDec++);
+        exp(log_survival) is the estimated probability that all of them are accepted.
+    lam: the AdaEDL threshold lambda of the row's request.
+    """
+
+    log_survival: torch.Tensor
+    lam: torch.Tensor
+
+    @staticmethod
+    def start(
+        num_rows: int, lam: float | torch.Tensor = 0.0, device: torch.device | str | None = None
+    ) -> DraftState:
+        """The state of `num_rows` drafts that have drafted nothing yet.
+
+        `lam`: each row's AdaEDL lambda (new requests start at AdaEDLStopRule.lam).
+        """
+        log_survival = torch.zeros(num_rows, dtype=torch.float32, device=device)
+        if isinstance(lam, torch.Tensor):
+            lam_rows = lam.to(device=log_survival.device, dtype=torch.float32)
+            if lam_rows.shape != (num_rows,):
+                raise ValueError(f"lam must have shape [{num_rows}], got {tuple(lam_rows.shape)}")
+        else:
+            lam_rows = torch.full((num_rows,), float(lam), dtype=torch.float32, device=device)
+        return DraftState(log_survival=log_survival, lam=lam_rows)
+
+    def select(self, rows: torch.Tensor) -> DraftState:
+        """The state of `rows` only (e.g. the rows still drafting)."""
+        return DraftState(self.log_survival[rows], self.lam[rows])
+
+
+class StopDecision(NamedTuple):
+    """A rule's decision for each row of one draft step."""
+
+    stop: torch.Tensor  # bool [R]: no further draft tokens for this row after this step
+    keep: torch.Tensor  # bool [R]: the token drafted at this step is part of the draft
+    score: torch.Tensor  # float32 [R]: the statistic compared with the rule's threshold
+    state: DraftState  # the state after this step
+
+
+class StopRule(Protocol):
+    name: str
+
+    def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision: ...
+
+
+def _decision(
+    stop: torch.Tensor, keep_stopping_token: bool, score: torch.Tensor, state: DraftState
+) -> StopDecision:
+    keep = torch.ones_like(stop) if keep_stopping_token else ~stop
+    return StopDecision(stop=stop, keep=keep, score=score, state=state)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoStopRule:
+    """Never stops early: drafts run to the controller's cap (fixed-K speculation)."""
+
+    name: str = dataclasses.field(default="none", init=False)
+
+    def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
+        stop = torch.zeros_like(stats.entropy, dtype=torch.bool)
+        return _decision(stop, True, torch.zeros_like(stats.entropy), state)
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyStopRule:
+    """Stop after a step whose draft entropy exceeds `threshold` nats (score: the entropy).
+
+    With keep_stopping_token False the uncertain token itself is dropped instead (as AdaEDL
+    does); that costs the draft step that produced it but saves verifying it.
+    """
+
+    threshold: float
+    keep_stopping_token: bool = True
+    name: str = dataclasses.field(default="entropy", init=False)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"EntropyStopRule: threshold must be > 0 nats, got {self.threshold!r}")
+
+    def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
+        return _decision(
+            stats.entropy > self.threshold, self.keep_stopping_token, stats.entropy, state
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaEDLStopRule:
+    """Stop when the acceptance lower bound 1 - sqrt(gamma * H) falls below the row's lambda.
+
+    Score: the bound (may be negative for large H). lambda lives in `DraftState.lam`, one per
+    request, starting at `lam`; `update_lambda` applies Algorithm 1 after each verification.
+    The paper stops *before* the token whose bound failed; keep_stopping_token False does that.
+    """
+
+    gamma: float = 0.2
+    lam: float = 0.7
+    keep_stopping_token: bool = True
+    adapt: bool = True
+    target_acceptance: float = 0.9
+    step: float = 0.01
+    beta1: float = 0.5
+    beta2: float = 0.9
+    name: str = dataclasses.field(default="adaedl", init=False)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "gamma": math.isfinite(self.gamma) and self.gamma > 0,
+            "lam": 0.0 <= self.lam <= 1.0,
+            "target_acceptance": 0.0 < self.target_acceptance <= 1.0,
+            "step": 0.0 <= self.step <= 1.0,
+            "beta1": 0.0 <= self.beta1 < 1.0,
+            "beta2": 0.0 <= self.beta2 < 1.0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"AdaEDLStopRule: {key} out of range, got {getattr(self, key)!r}")
+
+    def lower_bound(self, entropy: torch.Tensor) -> torch.Tensor:
+        """1 - sqrt(gamma * H), the approximate lower bound on the acceptance probability."""
+        return 1.0 - torch.sqrt(self.gamma * entropy.clamp(min=0.0))
+
+    def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
+        bound = self.lower_bound(stats.entropy)
+        return _decision(bound < state.lam, self.keep_stopping_token, bound, state)
+
+    def update_lambda(
+        self,
+        lam: torch.Tensor,
+        acceptance_ema: torch.Tensor,
+        num_drafted: torch.Tensor,
+        num_accepted: torch.Tensor,
+        max_draft_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1 for each request after verification; returns (lambda, acceptance EMA).
+
+        AR <- beta1 * AR + (1 - beta1) * accepted / drafted; lambda' = lambda + step if
+        AR < target, lambda - step if fewer than max_draft_tokens were accepted, else lambda;
+        lambda <- beta2 * lambda + (1 - beta2) * lambda', clamped to [0, 1]. Requests that
+        drafted nothing keep both. Start AR at `target_acceptance`. All [R], float32.
+        """
+        if not self.adapt:
+            return lam, acceptance_ema
+        drafted = num_drafted > 0
+        rate = num_accepted.float() / num_drafted.clamp(min=1).float()
+        ema = torch.where(
+            drafted, self.beta1 * acceptance_ema + (1.0 - self.beta1) * rate, acceptance_ema
+        )
+        direction = torch.where(
+            ema < self.target_acceptance,
+            1.0,
+            torch.where(num_accepted < max_draft_tokens, -1.0, 0.0),
+        )
+        proposal = lam + self.step * direction
+        moved = (self.beta2 * lam + (1.0 - self.beta2) * proposal).clamp(0.0, 1.0)
+        return torch.where(drafted, moved, lam), ema
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecDecStopRule:
+    """Stop after the token at which 1 - prod(a_i) over the draft so far exceeds `threshold`.
+
+    a_i = calibrator.acceptance(confidence of token i), the confidence being the draft's largest
+    probability ("top_prob") or the drafted token's ("token_prob"). Score: 1 - prod(a_i).
+    """
+
+    threshold: float
+    calibrator: AcceptanceCalibrator
+    confidence: str = "top_prob"
+    name: str = dataclasses.field(default="specdec", init=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(
+                f"SpecDecStopRule: threshold must be in (0, 1), got {self.threshold!r}"
+            )
+        if self.confidence not in ("top_prob", "token_prob"):
+            raise ValueError(
+                "SpecDecStopRule: confidence must be 'top_prob' or 'token_prob', "
+                f"got {self.confidence!r}"
+            )
+
+    def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
+        confidence = stats.top_prob if self.confidence == "top_prob" else stats.token_prob
+        acceptance = self.calibrator.acceptance(confidence)
+        log_survival = state.log_survival + torch.log(acceptance)
+        reject_any = -torch.expm1(log_survival)  # 1 - prod(a_i), accurate when it is small
+        new_state = state._replace(log_survival=log_survival)
+        return _decision(reject_any > self.threshold, True, reject_any, new_state)
+
+
+def verification_outcomes(
+    draft_lengths: torch.Tensor, num_accepted: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which draft positions verification observed, and which of those it accepted.
+
+    Verification accepts a prefix of each draft: positions before num_accepted were accepted,
+    the one at num_accepted (if drafted) was rejected, and later ones were never tested; they are
+    censored, not rejections. Returns (observed, accepted), bool [R, width].
+    """
+    if draft_lengths.shape != num_accepted.shape or draft_lengths.dim() != 1:
+        raise ValueError(
+            "draft_lengths and num_accepted must both be [R], got "
+            f"{tuple(draft_lengths.shape)} and {tuple(num_accepted.shape)}"
+        )
+    position = torch.arange(width, device=draft_lengths.device).unsqueeze(0)
+    lengths = draft_lengths.long().clamp(max=width).unsqueeze(1)
+    accepted_count = torch.minimum(num_accepted.long().unsqueeze(1), lengths)
+    accepted = position < accepted_count
+    observed = accepted | ((position == accepted_count) & (position < lengths))
+    return observed, accepted
+
+
+class AcceptanceCalibrator:
+    """Online map from draft confidence in [0, 1] to the rate at which the target accepts.
+
+    `num_bins` equal-width bins over the confidence; each holds (decayed) counts of observed and
+    accepted draft tokens plus `prior` pseudo-observations at an acceptance equal to the bin's
+    centre (a calibrated draft's confidence). estimate = (prior * centre + accepted) /
+    (prior + observed). Each `update` first multiplies the counts by `decay` (1: no forgetting;
+    0.999: about the last thousand updates count). State: two float64 vectors of `num_bins`;
+    sums are plain reductions, so the same inputs always give the same state.
+    """
+
+    def __init__(
+        self,
+        num_bins: int = 20,
+        prior: float = 2.0,
+        decay: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(
+                f"AcceptanceCalibrator: num_bins must be an integer >= 1, got {num_bins!r}"
+            )
+        if not (math.isfinite(prior) and prior > 0):
+            raise ValueError(f"AcceptanceCalibrator: prior must be > 0, got {prior!r}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"AcceptanceCalibrator: decay must be in (0, 1], got {decay!r}")
+        self.num_bins = num_bins
+        self.prior = float(prior)
+        self.decay = float(decay)
+        self.centres = (torch.arange(num_bins, dtype=torch.float64, device=device) + 0.5) / num_bins
+        self.observed = torch.zeros(num_bins, dtype=torch.float64, device=device)
+        self.accepted = torch.zeros(num_bins, dtype=torch.float64, device=device)
+
+    def bins(self, confidence: torch.Tensor) -> torch.Tensor:
+        """The bin of each confidence (int64, same shape); values outside [0, 1] are clamped."""
+        return (confidence.double() * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
+
+    def estimates(self) -> torch.Tensor:
+        """The acceptance estimate of each bin, float64 [num_bins], in (0, 1)."""
+        return (self.prior * self.centres + self.accepted) / (self.prior + self.observed)
+
+    def acceptance(self, confidence: torch.Tensor) -> torch.Tensor:
+        """The estimated acceptance probability for each confidence (float32, same shape)."""
+        table = self.estimates().to(device=confidence.device, dtype=torch.float32)
+        return table[self.bins(confidence).to(confidence.device)]
+
+    def update(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Add observed tokens: their confidences and whether verification accepted each."""
+        if confidence.shape != accepted.shape:
+            raise ValueError(
+                f"confidence and accepted must have one shape, got {tuple(confidence.shape)} "
+                f"and {tuple(accepted.shape)}"
+            )
+        device = self.observed.device
+        index = self.bins(confidence.reshape(-1).to(device))
+        one_hot = (index.unsqueeze(1) == torch.arange(self.num_bins, device=device)).double()
+        hits = accepted.reshape(-1).to(device=device, dtype=torch.float64).unsqueeze(1)
+        self.observed = self.observed * self.decay + one_hot.sum(dim=0)
+        self.accepted = self.accepted * self.decay + (one_hot * hits).sum(dim=0)
+
+    def update_from_verification(
+        self, confidence: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor
+    ) -> None:
+        """Update from one verification step: confidence [R, K] of each drafted position,
+        the number of tokens each request drafted and the number verification accepted ([R])."""
+        if confidence.dim() != 2 or confidence.shape[0] != draft_lengths.shape[0]:
+            raise ValueError(
+                f"confidence must be [R, K] with R = {draft_lengths.shape[0]} drafts, "
+                f"got {tuple(confidence.shape)}"
+            )
+        observed, accepted = verification_outcomes(draft_lengths, num_accepted, confidence.shape[1])
+        self.update(confidence[observed], accepted[observed])
+
+
+def build_stop_rule(
+    config: AdaptiveDraftConfig, calibrator: AcceptanceCalibrator | None = None
+) -> StopRule:
+    """The stop rule a validated config names; SpecDec++ needs the engine's calibrator."""
+    if config.stop_rule == "none":
+        return NoStopRule()
+    if config.stop_rule == "entropy":
+        return EntropyStopRule(threshold=config.entropy_threshold)
+    if config.stop_rule == "adaedl":
+        return AdaEDLStopRule(
+            gamma=config.adaedl_gamma,
+            lam=config.adaedl_lambda,
+            adapt=config.adaedl_adapt,
+            target_acceptance=config.adaedl_target_acceptance,
+            step=config.adaedl_step,
+            beta1=config.adaedl_beta1,
+            beta2=config.adaedl_beta2,
+        )
+    if calibrator is None:
+        raise ValueError("the specdec stop rule needs an AcceptanceCalibrator")
+    return SpecDecStopRule(
+        threshold=config.specdec_threshold, calibrator=calibrator, confidence=config.confidence
+    )
+
+
+def build_calibrator(
+    config: AdaptiveDraftConfig, device: torch.device | str | None = None
+) -> AcceptanceCalibrator:
+    return AcceptanceCalibrator(
+        num_bins=config.calibration_bins,
+        prior=config.calibration_prior,
+        decay=config.calibration_decay,
+        device=device,
+    )
