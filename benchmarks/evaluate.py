@@ -7,7 +7,8 @@ held-out examples (benchmarks.tasks.mixture.eval_examples) greedily (temperature
 `generate` call per task, and is shut down before the next starts. The generated text is scored
 by the task (`is_correct`: exact match of the extracted answer for arith and recall,
 grammaticality of the first sentence for text), and speed is generated tokens / wall time of the
-`generate` call. The table is printed and written with everything needed to reproduce it to
+`generate` call (all examples batched) and, for the first `--batch1` examples run one at a time,
+at batch 1. The table is printed and written with everything needed to reproduce it to
 `--out` (default results/eval/<date-time>/): results.json, results.csv, predictions.jsonl.
 
 Rows are (model, configuration, task). A configuration is a named way of running a model: extra
@@ -35,6 +36,7 @@ from benchmarks.tasks.mixture import EVAL_SEED, Example, eval_examples, task_mod
 
 DEFAULT_TASKS = ("arith", "recall")
 DEFAULT_N = 100
+DEFAULT_BATCH1 = 4
 # Enough for each task's longest worked completion (arith with 4 operations is ~80 tokens).
 DEFAULT_MAX_TOKENS = {"arith": 128, "recall": 24, "text": 64}
 KV_CACHE_BYTES = 1 << 30  # on CPU, vLLM's default reserves 92% of host RAM for the KV cache
@@ -76,6 +78,9 @@ class TaskResult:
     generated_tokens: int
     seconds: float
     tokens_per_s: float
+    # Speed of one request alone: the first `batch1` examples run one `generate` call each,
+    # generated tokens / summed wall time (prefill included). 0.0 when not measured.
+    batch1_tokens_per_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +169,10 @@ def evaluate_on_engine(
     configuration: Configuration,
     examples: Mapping[str, Sequence[Example]],
     max_tokens: Mapping[str, int],
+    batch1: int = 0,
 ) -> tuple[list[TaskResult], list[Prediction]]:
-    """Run each task's examples through `llm` (greedy) and score them; one `generate` per task."""
+    """Run each task's examples through `llm` (greedy) and score them; one `generate` per task,
+    then the first `batch1` examples one at a time for the batch-1 speed."""
     from vllm import SamplingParams
 
     max_len = llm.model_config.max_model_len
@@ -199,8 +206,21 @@ def evaluate_on_engine(
         n = len(task_examples)
         results.append(TaskResult(model_label, configuration.name, task, n, correct, correct / n,
                                   sum(map(len, prompt_ids)), generated, seconds,
-                                  generated / seconds if seconds > 0 else 0.0))
+                                  generated / seconds if seconds > 0 else 0.0,
+                                  batch1_speed(llm, prompt_ids[:batch1], params)))
     return results, predictions
+
+
+def batch1_speed(llm: Any, prompt_ids: Sequence[list[int]], params: Any) -> float:
+    """Generated tokens / wall time with one request in the engine at a time (0.0 if none)."""
+    tokens, seconds = 0, 0.0
+    for ids in prompt_ids:
+        llm.reset_prefix_cache()  # each request pays its own prefill, as a fresh request would
+        start = time.perf_counter()
+        (output,) = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        seconds += time.perf_counter() - start
+        tokens += len(output.outputs[0].token_ids)
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def run_evaluation(
@@ -212,6 +232,7 @@ def run_evaluation(
     configurations: Sequence[Configuration] = (CONFIGURATIONS["baseline"],),
     kv_cache_bytes: int = KV_CACHE_BYTES,
     dtype: str = "auto",
+    batch1: int = 0,
     engine_factory: Callable[..., contextlib.AbstractContextManager[Any]] | None = None,
 ) -> Report:
     """Every model in every configuration on every task, one engine at a time.
@@ -233,7 +254,7 @@ def run_evaluation(
                 engines.append({"model": model.label, "configuration": configuration.name,
                                 "dtype": str(llm.model_config.dtype).removeprefix("torch."),
                                 "max_model_len": llm.model_config.max_model_len})
-                rows, preds = evaluate_on_engine(llm, model.label, configuration, examples, max_tokens)
+                rows, preds = evaluate_on_engine(llm, model.label, configuration, examples, max_tokens, batch1)
             del llm  # the engine is shut down; drop the last reference before the next one starts
             results += rows
             predictions += preds
@@ -241,6 +262,7 @@ def run_evaluation(
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "seed": seed,
         "n": n,
+        "batch1": batch1,
         "tasks": list(tasks),
         "max_tokens": max_tokens,
         "models": [dataclasses.asdict(m) for m in models],
@@ -255,7 +277,8 @@ def run_evaluation(
     return Report(meta, results, predictions)
 
 
-TABLE_COLUMNS = ("model", "configuration", "task", "n", "accuracy", "tokens_per_s", "generated_tokens", "seconds")
+TABLE_COLUMNS = ("model", "configuration", "task", "n", "accuracy", "tokens_per_s", "batch1_tokens_per_s",
+                 "generated_tokens", "seconds")
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
@@ -264,8 +287,10 @@ def format_table(results: Sequence[TaskResult]) -> str:
         value = getattr(row, column)
         if column == "accuracy":
             return f"{value:.3f}"
-        if column in ("tokens_per_s", "seconds"):
-            return f"{value:.1f}" if column == "tokens_per_s" else f"{value:.2f}"
+        if column in ("tokens_per_s", "batch1_tokens_per_s"):
+            return f"{value:.1f}"
+        if column == "seconds":
+            return f"{value:.2f}"
         return str(value)
 
     header = "| " + " | ".join(TABLE_COLUMNS) + " |"
@@ -315,6 +340,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     parser.add_argument("--dtype", default="auto",
                         help="engine dtype (auto: vLLM's choice, bfloat16 on CPUs that have it; float32: as trained)")
+    parser.add_argument("--batch1", type=int, default=DEFAULT_BATCH1, metavar="K",
+                        help=f"also time the first K examples of each task one at a time (batch-1 tokens/s; 0: skip; "
+                             f"default {DEFAULT_BATCH1})")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/eval/<date-time>)")
     args = parser.parse_args(argv)
     args.model_specs = args.model + args.models
@@ -330,6 +358,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.configuration_list = [CONFIGURATIONS[c] for c in names]
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    if args.batch1 < 0:
+        parser.error(f"--batch1 must be >= 0, got {args.batch1}")
     if args.max_tokens and (bad := sorted(set(args.max_tokens) - set(DEFAULT_MAX_TOKENS))):
         parser.error(f"--max-tokens: unknown tasks {bad}")
     try:
@@ -345,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or Path("results") / "eval" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = run_evaluation(args.model_list, args.task_list, args.n, args.seed, args.max_tokens,
-                            args.configuration_list, args.kv_cache_bytes, args.dtype)
+                            args.configuration_list, args.kv_cache_bytes, args.dtype, args.batch1)
     write_report(report, out)
     print(format_table(report.results))
     print(f"\nseed {args.seed}, {args.n} examples per task; written to {out}/ "

@@ -212,3 +212,26 @@ def save_hf(model: Llama, out_dir: Path, bos_id: int, eos_id: int, pad_id: int) 
     hf.generation_config.bos_token_id, hf.generation_config.eos_token_id = bos_id, eos_id
     hf.generation_config.pad_token_id = pad_id
     hf.save_pretrained(out_dir, safe_serialization=True)
+
+
+def expand_depth(model: Llama, num_layers: int) -> Llama:
+    """Block expansion (LLaMA Pro, Wu et al. 2024): a deeper model computing the same function.
+
+    Every block is followed by copies of itself whose output projections (attention `o_proj`,
+    MLP `down_proj`) are zero, so each copy starts as the identity on the residual stream;
+    training then makes the copies contribute. `num_layers` must be a multiple of the depth."""
+    old = model.shape.num_layers
+    if num_layers < old or num_layers % old:
+        raise ValueError(f"can only expand {old} layers to a multiple of {old}, got {num_layers}")
+    factor = num_layers // old
+    deeper = Llama(dataclasses.replace(model.shape, num_layers=num_layers))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    for i in range(num_layers):
+        source = model.model.layers[i // factor].state_dict()
+        for name, tensor in source.items():
+            copy = tensor.clone()
+            if i % factor and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                copy.zero_()
+            state[f"model.layers.{i}.{name}"] = copy
+    deeper.load_state_dict(state)
+    return deeper

@@ -20,12 +20,21 @@ VOCAB_SIZE = 1024
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """A stretch of training with one row length and one recall prompt-length range."""
+    """A stretch of training with one row length, one recall prompt-length range, one data
+    mixture and one model depth."""
 
     steps: int
     seq_len: int  # tokens per packed row
     rows: int  # rows per optimizer step
     recall_tokens: tuple[int, int]  # recall prompt length range (tokens), drawn per document
+    # Documents per task (not tokens), see benchmarks.tasks.mixture.training_texts; None: the config's.
+    weights: tuple[tuple[str, float], ...] | None = None
+    # Recall queries per haystack: documents with one haystack and different queried keys share
+    # its compute (train.recall_siblings, train.Unit); 1 = one query per haystack, as generated.
+    recall_queries: int = 1
+    # Model depth in this phase (0: the final depth). A deeper phase grows the model by block
+    # expansion (llama.expand_depth), so depth must grow by whole multiples.
+    layers: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rows < 1:
@@ -57,6 +66,17 @@ class TrainingConfig:
     threads: int = 2  # fixed, so results do not depend on the machine's core count
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        depths = [p.layers or self.shape.num_layers for p in self.phases]
+        for before, after in zip(depths, depths[1:]):
+            if after < before or after % before:
+                raise ValueError(f"phase depths must grow by whole multiples, got {depths}")
+        if depths[-1] != self.shape.num_layers:
+            raise ValueError(f"the last phase must train all {self.shape.num_layers} layers, got {depths[-1]}")
+
+    def depth(self, phase: Phase) -> int:
+        return phase.layers or self.shape.num_layers
+
     @property
     def steps(self) -> int:
         return sum(p.steps for p in self.phases)
@@ -72,23 +92,33 @@ class TrainingConfig:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
+_SHORT_RECALL = (20, 200)  # recall haystacks of 2-27 pairs: where the lookup is learnt at all
+_LONG_RECALL = (200, 900)
+
 DRAFT = TrainingConfig(
     name="adaptive-draft",
     shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
                      intermediate_size=384),
+    weights=(("arith", 0.7), ("recall", 0.1), ("text", 0.2)),
     phases=(
-        Phase(steps=150, seq_len=512, rows=8, recall_tokens=(60, 400)),
-        Phase(steps=50, seq_len=2048, rows=2, recall_tokens=(400, 1900)),
+        Phase(steps=300, seq_len=512, rows=16, recall_tokens=_SHORT_RECALL, recall_queries=4),
+        Phase(steps=60, seq_len=1024, rows=8, recall_tokens=_LONG_RECALL, recall_queries=4),
     ),
 )
 
+# The target learns at 4 layers (fast to train), then grows to 40 by block expansion
+# (llama.expand_depth: each block followed by 9 zero-output copies of itself, so the function
+# is unchanged) and trains briefly at full depth. 40 layers make it >= 4x slower than the draft
+# in vLLM's CPU engine at batch 1, where cost is per step and per layer (sizing.py).
 TARGET = TrainingConfig(
     name="adaptive-target",
-    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4,
-                     intermediate_size=768),
+    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=40, num_heads=4, num_kv_heads=2,
+                     intermediate_size=384),
+    weights=(("arith", 0.7), ("recall", 0.1), ("text", 0.2)),
     phases=(
-        Phase(steps=300, seq_len=512, rows=8, recall_tokens=(60, 400)),
-        Phase(steps=100, seq_len=2048, rows=2, recall_tokens=(400, 1900)),
+        Phase(steps=600, seq_len=512, rows=16, recall_tokens=_SHORT_RECALL, recall_queries=4, layers=4),
+        Phase(steps=200, seq_len=1024, rows=8, recall_tokens=_LONG_RECALL, recall_queries=4, layers=4),
+        Phase(steps=40, seq_len=1024, rows=4, recall_tokens=_LONG_RECALL, recall_queries=4),
     ),
 )
 

@@ -56,8 +56,24 @@ CANDIDATES: dict[str, TinyLlamaSpec] = {
     "h256-L8": _spec("h256-L8", 256, 8, 8, 4, 768),
     "h192-L16": _spec("h192-L16", 192, 16, 6, 2, 512),
     "h256-L12": _spec("h256-L12", 256, 12, 8, 4, 768),
+    "h256-L16-i512": _spec("h256-L16-i512", 256, 16, 8, 4, 512),
+    "h256-L20-i512": _spec("h256-L20-i512", 256, 20, 8, 4, 512),
     "h384-L6": _spec("h384-L6", 384, 6, 6, 2, 1024),
 }
+
+
+def _from_pair(role: str) -> TinyLlamaSpec:
+    """The shape of the project's trained draft or target (benchmarks.models.pair), random weights."""
+    from benchmarks.models.pair import CONFIGS
+
+    shape = CONFIGS[role].shape
+    return TinyLlamaSpec(name=f"sizing-pair-{role}", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                         num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                         intermediate_size=shape.intermediate_size)
+
+
+CANDIDATES["pair-draft"] = _from_pair("draft")
+CANDIDATES["pair-target"] = _from_pair("target")
 
 
 def parameter_count(spec: TinyLlamaSpec) -> int:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -121,25 +122,41 @@ TASK_ORDER = ("arith", "recall", "text")  # task ids in PackedRows.tasks
 
 @dataclasses.dataclass
 class PackedRows:
-    """Rows of packed documents: inputs, next-token targets, loss weights, per-document
-    positions, document ids (-1 = padding) and task ids (for per-task loss logs), each
-    [rows, seq_len]."""
+    """Rows of packed units: inputs, next-token targets, loss weights, positions, unit ids
+    (-1 = padding), branch ids (0 = a unit's shared part, k = its k-th branch) and task ids
+    (for per-task loss logs), each [rows, seq_len]."""
 
     inputs: "torch.Tensor"
     targets: "torch.Tensor"
     weights: "torch.Tensor"
     positions: "torch.Tensor"
     documents: "torch.Tensor"
+    branches: "torch.Tensor"
     tasks: "torch.Tensor"
 
 
-Document = tuple[list[int], list[float], int]  # token ids, loss weights, task id
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What packing places in a row: one document, or documents sharing a token prefix laid out
+    as the prefix once and then each document's remainder (a branch) at the positions it has in
+    its own document. A branch attends to the prefix and to itself only, so every document's
+    loss is exactly its loss alone, while the prefix (a recall haystack) is computed once."""
+
+    inputs: tuple[int, ...]
+    targets: tuple[int, ...]
+    weights: tuple[float, ...]
+    positions: tuple[int, ...]
+    branches: tuple[int, ...]
+    task: int
+
+    def __len__(self) -> int:
+        return len(self.inputs)
 
 
-def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, float]) -> list[Document]:
+def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, float]) -> list[tuple[list[int], list[float], int]]:
     """`[BOS] prompt completion [EOS]` token ids, the loss weight of predicting each token
-    after the first, and the task id. Prompt and completion are tokenized apart, as in evaluation, where the
-    prompt is encoded alone and the model writes the completion."""
+    after the first, and the task id. Prompt and completion are tokenized apart, as in
+    evaluation, where the prompt is encoded alone and the model writes the completion."""
     from benchmarks.models.tokenizer import BOS, EOS
 
     bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
@@ -153,27 +170,52 @@ def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, flo
     return documents
 
 
-def pack(documents: Sequence[Document], seq_len: int, rows: int, pad_id: int) -> PackedRows | None:
-    """First-fit packing of whole documents into `rows` rows of `seq_len` (None if too few)."""
+def make_unit(documents: Sequence[tuple[list[int], list[float], int]]) -> Unit:
+    """One document, or several whose token ids share a prefix (see Unit)."""
+    if len(documents) == 1:
+        ids, weights, task = documents[0]
+        n = len(ids) - 1
+        return Unit(tuple(ids[:-1]), tuple(ids[1:]), tuple(weights), tuple(range(n)), (0,) * n, task)
+    shortest = min(len(ids) for ids, _, _ in documents)
+    common = 0
+    while common < shortest and len({ids[common] for ids, _, _ in documents}) == 1:
+        common += 1
+    shared = common - 1  # positions whose next token is the same in every document
+    if shared < 1:
+        raise ValueError("documents grouped in one unit must share a prefix")
+    ids0, weights0, task = documents[0]
+    inputs, targets = list(ids0[:shared]), list(ids0[1:shared + 1])
+    weights, positions, branches = list(weights0[:shared]), list(range(shared)), [0] * shared
+    for k, (ids, w, _) in enumerate(documents, start=1):
+        inputs += ids[shared:-1]
+        targets += ids[shared + 1:]
+        weights += w[shared:]
+        positions += range(shared, len(ids) - 1)
+        branches += [k] * (len(ids) - 1 - shared)
+    return Unit(tuple(inputs), tuple(targets), tuple(weights), tuple(positions), tuple(branches), task)
+
+
+def pack(units: Sequence[Unit], seq_len: int, rows: int, pad_id: int) -> PackedRows | None:
+    """First-fit packing of whole units into `rows` rows of `seq_len` (None if too few)."""
     import torch
 
-    closed: list[list[Document]] = []
-    open_rows: list[tuple[int, list]] = []  # (free tokens, documents)
-    for doc in documents:
-        length = len(doc[0]) - 1  # inputs are ids[:-1]
-        if length > seq_len:
+    closed: list[list[Unit]] = []
+    open_rows: list[tuple[int, list[Unit]]] = []  # (free tokens, units)
+    for unit in units:
+        if len(unit) > seq_len:
             continue
-        for i, (free, docs) in enumerate(open_rows):
-            if length <= free:
-                docs.append(doc)
-                open_rows[i] = (free - length, docs)
+        for i, (free, placed) in enumerate(open_rows):
+            if len(unit) <= free:
+                placed.append(unit)
+                open_rows[i] = (free - len(unit), placed)
                 break
         else:
-            open_rows.append((seq_len - length, [doc]))
+            open_rows.append((seq_len - len(unit), [unit]))
             if len(open_rows) > PACKING_WINDOW:
                 closed.append(open_rows.pop(0)[1])
         if len(closed) >= rows:
             break
+    closed += [placed for _, placed in open_rows][:rows - len(closed)]
     if len(closed) < rows:
         return None
     shape = (rows, seq_len)
@@ -181,59 +223,110 @@ def pack(documents: Sequence[Document], seq_len: int, rows: int, pad_id: int) ->
     targets = torch.full(shape, pad_id, dtype=torch.long)
     weights = torch.zeros(shape)
     positions = torch.zeros(shape, dtype=torch.long)
-    documents_ = torch.full(shape, -1, dtype=torch.long)
+    documents = torch.full(shape, -1, dtype=torch.long)
+    branches = torch.zeros(shape, dtype=torch.long)
     tasks = torch.full(shape, -1, dtype=torch.long)
-    for r, docs in enumerate(closed[:rows]):
+    for r, placed in enumerate(closed[:rows]):
         at = 0
-        for d, (ids, w, task) in enumerate(docs):
-            n = len(ids) - 1
-            inputs[r, at:at + n] = torch.tensor(ids[:-1])
-            targets[r, at:at + n] = torch.tensor(ids[1:])
-            weights[r, at:at + n] = torch.tensor(w)
-            positions[r, at:at + n] = torch.arange(n)
-            documents_[r, at:at + n] = d
-            tasks[r, at:at + n] = task
-            at += n
-    return PackedRows(inputs, targets, weights, positions, documents_, tasks)
+        for d, unit in enumerate(placed):
+            span = slice(at, at + len(unit))
+            inputs[r, span] = torch.tensor(unit.inputs)
+            targets[r, span] = torch.tensor(unit.targets)
+            weights[r, span] = torch.tensor(unit.weights)
+            positions[r, span] = torch.tensor(unit.positions)
+            branches[r, span] = torch.tensor(unit.branches)
+            documents[r, span] = d
+            tasks[r, span] = unit.task
+            at += len(unit)
+    return PackedRows(inputs, targets, weights, positions, documents, branches, tasks)
+
+
+_PAIR = re.compile(r"^(\S+)=(\S+)$", re.MULTILINE)
+
+
+def recall_siblings(example, count: int) -> list:
+    """Up to `count` more recall examples with `example`'s haystack and other queried keys
+    (deterministic; training split only). Several queries per haystack give the lookup
+    several supervised answers for one haystack's compute. Empty if the format does not parse."""
+    from benchmarks.tasks import recall
+    from benchmarks.tasks.example import Example, split_of
+
+    head, _, query_line = example.prompt.rstrip("\n").rpartition("\n")
+    key = query_line.rpartition(" ")[2]
+    pairs = [p for p in _PAIR.findall(head) if p[0] != key]
+    if not key or example.answer not in example.completion:
+        return []
+    siblings = []
+    for other, value in random.Random(example.prompt).sample(pairs, len(pairs)):
+        prompt = f"{head}\n{query_line[:-len(key)]}{other}\n"
+        completion = example.completion.replace(key, other).replace(example.answer, value)
+        sibling = Example(example.task, prompt, value, completion)
+        if split_of(sibling.task, sibling.prompt) != "train" or not recall.is_correct(sibling, completion):
+            continue
+        siblings.append(sibling)
+        if len(siblings) == count:
+            break
+    return siblings
+
+
+def phase_units(config: TrainingConfig, index: int, phase: Phase, tokenizer, n: int) -> list[Unit]:
+    from benchmarks.tasks.mixture import training_examples
+
+    weights = dict(phase.weights or config.weights)
+    prompt_weight = dict(config.prompt_loss_weight)
+    units = []
+    for example in training_examples(config.seed * 1000 + index, n, weights, recall_tokens=phase.recall_tokens):
+        group = [example]
+        if example.task == "recall" and phase.recall_queries > 1:
+            group += recall_siblings(example, phase.recall_queries - 1)
+        units.append(make_unit(encode_documents(tokenizer, group, prompt_weight)))
+    return units
 
 
 def phase_rows(config: TrainingConfig, index: int, phase: Phase, tokenizer) -> PackedRows:
     """All rows of one phase, from its own seed (deterministic)."""
     from benchmarks.models.tokenizer import PAD
-    from benchmarks.tasks.mixture import training_examples
 
     rows = phase.steps * phase.rows
-    mean_recall = sum(phase.recall_tokens) / 2
-    weights = dict(config.weights)
+    weights = dict(phase.weights or config.weights)
     total = sum(weights.values())
-    mean_doc = sum(w / total * (mean_recall if t == "recall" else 90) for t, w in weights.items())
-    n = int(rows * phase.seq_len / mean_doc * 1.2) + 16
+    mean_recall = sum(phase.recall_tokens) / 2 + 20 * phase.recall_queries
+    mean_unit = sum(w / total * (mean_recall if t == "recall" else 90) for t, w in weights.items())
+    n = int(rows * phase.seq_len / mean_unit * 1.2) + 16
     while True:
-        examples = training_examples(config.seed * 1000 + index, n, weights, recall_tokens=phase.recall_tokens)
-        packed = pack(encode_documents(tokenizer, examples, dict(config.prompt_loss_weight)),
-                      phase.seq_len, rows, tokenizer.token_to_id(PAD))
+        packed = pack(phase_units(config, index, phase, tokenizer, n), phase.seq_len, rows, tokenizer.token_to_id(PAD))
         if packed is not None:
             return packed
         n *= 2
 
 
-def attention_mask(documents: "torch.Tensor") -> "torch.Tensor":
-    """[b, 1, t, t] boolean: causal and within the same document."""
+def attention_mask(documents: "torch.Tensor", branches: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """[b, 1, t, t] boolean: causal, within the same unit, and from a branch only to the unit's
+    shared part and to the same branch."""
     import torch
 
     t = documents.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+    mask = (documents[:, :, None] == documents[:, None, :]) & causal
+    if branches is not None:
+        mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return mask[:, None]
 
 
 # --- training --------------------------------------------------------------------------------
 
-def learning_rate(config: TrainingConfig, step: int) -> float:
+def learning_rate(config: TrainingConfig, step: int, since_growth: int | None = None) -> float:
+    """Linear warmup, cosine decay to min_lr_ratio; after a depth growth, a short re-warmup
+    (the new blocks' optimizer state starts empty)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    rate = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    rewarm = max(1, config.warmup_steps // 2)
+    if since_growth is not None and since_growth < rewarm:
+        rate *= (since_growth + 1) / rewarm
+    return rate
 
 
 def deterministic_setup(config: TrainingConfig) -> None:
@@ -248,7 +341,8 @@ def deterministic_setup(config: TrainingConfig) -> None:
 def build_model(config: TrainingConfig):
     from benchmarks.models.llama import Llama
 
-    return Llama(config.shape, config.initializer_range)
+    shape = dataclasses.replace(config.shape, num_layers=config.depth(config.phases[0]))
+    return Llama(shape, config.initializer_range)
 
 
 def optimizer_for(model, config: TrainingConfig):
@@ -266,7 +360,7 @@ def loss_on(model, rows: PackedRows, config: TrainingConfig) -> tuple["torch.Ten
     import torch
     import torch.nn.functional as F
 
-    mask = attention_mask(rows.documents)
+    mask = attention_mask(rows.documents, rows.branches)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast)
     with autocast:
         hidden = model.hidden_states(rows.inputs, rows.positions, mask)
@@ -317,10 +411,13 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
     """Train `config`'s model in this process; returns (model, history)."""
     import torch
 
+    from benchmarks.models.llama import expand_depth
+
     log = log or _stderr
     deterministic_setup(config)
     model = build_model(config)
     optimizer = optimizer_for(model, config)
+    grown_at = None
     history: list[dict] = []
     progress = Progress(config.steps, config.name, log)
     step, smoothed = 0, {}
@@ -328,10 +425,15 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
     tokens_seen = 0
     try:
         for index, phase in enumerate(config.phases):
+            if config.depth(phase) > model.shape.num_layers:
+                model = expand_depth(model, config.depth(phase))
+                optimizer = optimizer_for(model, config)
+                grown_at = step
             data = phase_rows(config, index, phase, tokenizer)
             for phase_step in range(phase.steps):
+                since_growth = None if grown_at is None else step - grown_at
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, step)
+                    group["lr"] = learning_rate(config, step, since_growth)
                 rows = slice(phase_step * phase.rows, (phase_step + 1) * phase.rows)
                 batch = PackedRows(*(getattr(data, f.name)[rows] for f in dataclasses.fields(PackedRows)))
                 loss, per_task = loss_on(model, batch, config)

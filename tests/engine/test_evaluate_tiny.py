@@ -33,7 +33,7 @@ def two_runs(tiny_model: Path) -> tuple[Report, Report]:
             yield llm
 
         return tuple(  # type: ignore[return-value]
-            evaluate.run_evaluation([model], TASKS, n=N, seed=123, max_tokens=MAX_TOKENS,
+            evaluate.run_evaluation([model], TASKS, n=N, seed=123, max_tokens=MAX_TOKENS, batch1=2,
                                     engine_factory=shared_engine)
             for _ in range(2)
         )
@@ -50,6 +50,7 @@ def test_one_row_per_task_with_sane_values(two_runs: tuple[Report, Report]) -> N
         assert 0.0 <= row.accuracy <= 1.0 and row.accuracy == row.correct / N
         assert 0 < row.generated_tokens <= N * MAX_TOKENS[row.task]
         assert row.seconds > 0 and row.tokens_per_s > 0
+        assert row.batch1_tokens_per_s > 0  # the first 2 examples, one request at a time
     recall_row = report.results[TASKS.index("recall")]
     assert recall_row.prompt_tokens > N * 1400  # the default ~1500-token prompts went in
     assert len(report.predictions) == N * len(TASKS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,9 +109,8 @@ def test_packing_keeps_documents_whole_and_restarts_positions(tokenizer) -> None
     examples = [Example("arith", "Q: 1+2\n", "3", "0100+0200=0300\nanswer: 0003"),
                 Example("text", "Once.", "", " The end."),
                 Example("arith", "Q: 5+5\n", "10", "0500+0500=0010\nanswer: 0010")]
-    documents = trainer.encode_documents(tokenizer, examples, {"arith": 0.0, "text": 1.0})
-    lengths = [len(ids) - 1 for ids, _, _ in documents]
-    rows = trainer.pack(documents * 40, seq_len=64, rows=3, pad_id=0)
+    units = [trainer.make_unit([d]) for d in trainer.encode_documents(tokenizer, examples, {"arith": 0.0, "text": 1.0})]
+    rows = trainer.pack(units * 40, seq_len=64, rows=3, pad_id=0)
     assert rows is not None and rows.inputs.shape == (3, 64)
     for r in range(3):
         docs = rows.documents[r]
@@ -119,9 +119,51 @@ def test_packing_keeps_documents_whole_and_restarts_positions(tokenizer) -> None
                 assert rows.weights[r][docs == d].sum() == 0  # padding carries no loss
                 continue
             span = (docs == d).nonzero().flatten()
-            assert span.numel() in lengths and span.diff().eq(1).all()  # whole and contiguous
+            assert span.numel() in [len(u) for u in units] and span.diff().eq(1).all()  # whole, contiguous
             assert rows.positions[r, span].tolist() == list(range(span.numel()))
             assert rows.inputs[r, span[0]] == tokenizer.token_to_id("<s>")
+
+
+def recall_example() -> Example:
+    from benchmarks.tasks.mixture import training_examples
+
+    return training_examples(3, 1, {"recall": 1.0}, recall_tokens=(80, 120))[0]
+
+
+def test_recall_siblings_share_the_haystack_and_answer_other_keys() -> None:
+    from benchmarks.tasks import recall
+    from benchmarks.tasks.example import split_of
+
+    example = recall_example()
+    siblings = trainer.recall_siblings(example, 5)
+    haystack = example.prompt.rsplit("query:", 1)[0]
+    assert len(siblings) == 5 and len({s.prompt for s in siblings + [example]}) == 6
+    for sibling in siblings:
+        assert sibling.prompt.startswith(haystack) and split_of("recall", sibling.prompt) == "train"
+        assert recall.is_correct(sibling, sibling.completion)
+        key = sibling.prompt.rstrip("\n").rsplit(" ", 1)[1]
+        assert f"\n{key}={sibling.answer}\n" in "\n" + haystack
+
+
+def test_a_shared_prefix_unit_gives_each_document_its_own_loss(tokenizer) -> None:
+    example = recall_example()
+    group = [example, *trainer.recall_siblings(example, 3)]
+    documents = trainer.encode_documents(tokenizer, group, {"recall": 0.0})
+    torch.manual_seed(0)
+    model = Llama(TINY.shape, initializer_range=0.1).eval()
+
+    def losses(rows) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(rows.inputs, rows.positions, trainer.attention_mask(rows.documents, rows.branches))
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows.targets, reduction="none")
+        return per_token[rows.weights > 0]
+
+    unit = trainer.make_unit(documents)
+    assert len(unit) < sum(len(ids) - 1 for ids, _, _ in documents)  # the haystack counted once
+    shared = trainer.pack([unit], seq_len=len(unit), rows=1, pad_id=0)
+    alone = torch.cat([losses(trainer.pack([trainer.make_unit([d])], seq_len=len(d[0]) - 1, rows=1, pad_id=0))
+                       for d in documents])
+    torch.testing.assert_close(losses(shared), alone, rtol=1e-4, atol=1e-4)
 
 
 def test_arith_prompts_carry_no_loss_and_completions_do(tokenizer) -> None:
@@ -136,7 +178,7 @@ def test_arith_prompts_carry_no_loss_and_completions_do(tokenizer) -> None:
 
 
 def test_attention_stays_inside_each_document() -> None:
-    mask = trainer.attention_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
+    mask = trainer.attention_mask(torch.tensor([[0, 0, 1, 1, -1]]), torch.zeros(1, 5, dtype=torch.long))[0, 0]
     assert mask.tolist() == [
         [True, False, False, False, False],
         [True, True, False, False, False],
@@ -144,3 +186,42 @@ def test_attention_stays_inside_each_document() -> None:
         [False, False, True, True, False],
         [False, False, False, False, True],
     ]
+
+
+def test_block_expansion_computes_the_same_function() -> None:
+    from benchmarks.models.llama import expand_depth
+
+    torch.manual_seed(0)
+    shallow = Llama(LlamaShape(vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                               intermediate_size=96, tie_word_embeddings=True), initializer_range=0.1).eval()
+    deep = expand_depth(shallow, 6).eval()
+    ids = torch.randint(0, 300, (2, 19))
+    assert deep.shape.num_layers == 6 and deep.lm_head.weight is deep.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(shallow(ids), deep(ids))
+
+
+def test_branches_see_the_shared_prefix_and_themselves_only() -> None:
+    mask = trainer.attention_mask(torch.tensor([[0, 0, 0, 0, 0]]), torch.tensor([[0, 0, 1, 2, 2]]))[0, 0]
+    assert mask.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [True, True, True, False, False],
+        [True, True, False, True, False],
+        [True, True, False, True, True],
+    ]
+
+
+def test_phases_can_grow_the_model_to_its_final_depth(tokenizer) -> None:
+    grown = TrainingConfig(**{**TINY.__dict__, "shape": LlamaShape(
+        vocab_size=1024, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+        tie_word_embeddings=True), "phases": (dataclasses.replace(TINY.phases[0], steps=3, layers=1),
+                                                dataclasses.replace(TINY.phases[1], steps=2))})
+    model, history = trainer.train_model(grown, tokenizer, log=lambda _: None)
+    assert model.shape.num_layers == 2 and len(history) == 5
+
+
+def test_phase_depths_must_grow_by_multiples() -> None:
+    with pytest.raises(ValueError, match="whole multiples"):
+        TrainingConfig(**{**TINY.__dict__, "shape": dataclasses.replace(TINY.shape, num_layers=3),
+                          "phases": (dataclasses.replace(TINY.phases[0], layers=2), TINY.phases[1])})
