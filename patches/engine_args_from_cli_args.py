@@ -10,6 +10,10 @@ from typing import Any
 from vllm.engine.arg_utils import EngineArgs
 
 _MARK = "__vllm_adaptive_original__"
+# Engine arguments engine_kwargs checks (and may set) for adaptive drafting.
+CHECKED_ENGINE_ARGS = (
+    "async_scheduling", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"
+)
 
 
 def opt_in(engine_args: Any, args: argparse.Namespace) -> Any:
@@ -31,10 +35,11 @@ def opt_in(engine_args: Any, args: argparse.Namespace) -> Any:
         additional_config=engine_args.additional_config,
         logits_processors=engine_args.logits_processors,
         speculative_config=engine_args.speculative_config,
+        **{name: getattr(engine_args, name) for name in CHECKED_ENGINE_ARGS},
     )
     # Set in place: dataclasses.replace would run EngineArgs.__post_init__ a second time.
-    engine_args.additional_config = kwargs["additional_config"]
-    engine_args.logits_processors = kwargs["logits_processors"]
+    for name, value in kwargs.items():
+        setattr(engine_args, name, value)
     return engine_args
 
 
@@ -63,6 +68,7 @@ def check_contract() -> None:
     if params != ["cls", "args"]:
         raise PatchContractError(f"EngineArgs.from_cli_args parameters changed: {params}")
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    for name in ("additional_config", "logits_processors", "speculative_config"):
+    needed = ("additional_config", "logits_processors", "speculative_config", *CHECKED_ENGINE_ARGS)
+    for name in needed:
         if name not in fields:
             raise PatchContractError(f"EngineArgs has no field {name!r}; opt-in cannot set it")

@@ -98,4 +98,33 @@ PATCHES: tuple[PatchSpec, ...] = (
             "or vLLM validates custom-processor arguments without loading the processor."
         ),
     ),
+    PatchSpec(
+        name="adaptive-draft-proposer",
+        module="gpu_model_runner_draft_model_proposer",
+        target="vllm.v1.worker.gpu_model_runner.DraftModelProposer",
+        stage="general_plugin",
+        why=(
+            "vLLM's draft-model proposer drafts the same number of tokens for every request, and "
+            "the V1 runner picks its proposer in an if/elif with no registry or per-step hook; "
+            "adaptive draft length (issue #5) must stop each request's draft on its own and end "
+            "the draft loop when every request has stopped."
+        ),
+        how=(
+            "Rebind the runner module's DraftModelProposer global to AdaptiveDraftModelProposer "
+            "(vllm_adaptive.speculative.proposer), a subclass that delegates every call unless "
+            "the engine runs speculative.enabled; it overrides propose (cap K, per-request list "
+            "drafts, acceptance feedback) and _sample_draft_tokens (stop rules, early exit). "
+            "Applied when vllm.v1.worker.gpu_model_runner is imported (a one-shot import hook), "
+            "so only workers import it."
+        ),
+        upstream=(
+            "none: vLLM has a batch-size -> K table and Model Runner V2 adaptive verification, but "
+            "no per-request draft stop and no proposer registry (custom_class runs outside vLLM's "
+            "draft KV cache)."
+        ),
+        removal=(
+            "When vLLM offers a proposer registry or per-step draft hooks, or when Model Runner V2 "
+            "is the only runner (the logic then moves to its speculator)."
+        ),
+    ),
 )

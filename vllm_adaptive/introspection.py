@@ -2,7 +2,9 @@
 
 `LLM.collective_rpc(adaptive_worker_state)` runs `adaptive_worker_state` in every worker
 (passing a callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1) and returns, per worker, the
-config its AdaptiveLogitsProcessor was built with and its live counters.
+config its AdaptiveLogitsProcessor was built with and its live counters, and, on engines that
+speculate with vLLM's draft-model method, the state of the adaptive draft-model proposer (draft
+lengths, acceptances, the controller's cap).
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ def find_processors(worker: Any) -> list[AdaptiveLogitsProcessor]:
     return [p for p in getattr(sampler, "logits_processors", []) if isinstance(p, AdaptiveLogitsProcessor)]
 
 
+def speculative_state(worker: Any) -> dict[str, Any] | None:
+    """The adaptive proposer's state (`{"enabled": False}` when it behaves as vLLM's), or None
+    when the worker's drafter is not ours (no speculation, another method, Model Runner V2)."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    state = getattr(drafter, "adaptive_state", None)
+    return state() if callable(state) else None
+
+
 def adaptive_worker_state(worker: Any) -> dict[str, Any]:
     processors = find_processors(worker)
     return {
         "pid": os.getpid(),
+        "speculative": speculative_state(worker),
         "processors": [
             {
                 "runner_interface": p.runner_interface,

@@ -4,7 +4,10 @@
 `engine_kwargs()` both end in `engine_kwargs`: it validates the config and returns the two
 public engine arguments that carry it, `additional_config["adaptive"]` (read by the engine core
 and every worker) and our class appended to `logits_processors` (loaded by the workers, and used
-by the API server to validate per-request arguments at admission).
+by the API server to validate per-request arguments at admission). With `speculative.enabled`
+it also checks the deployment's speculative config and engine arguments against what adaptive
+draft length supports, fills `num_speculative_tokens` when absent and turns async scheduling
+off (vllm_adaptive.speculative.compatibility).
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def engine_kwargs(
     merged_additional = dict(additional_config or {})
     merged_additional[ADDITIONAL_CONFIG_KEY] = adaptive.to_dict()
     processors = list(logits_processors or [])
+    if adaptive.speculative.enabled:
+        from vllm_adaptive.speculative.compatibility import check_engine_arguments
+
+        # Raises ConfigError naming every setting adaptive drafting cannot run with.
+        settings = check_engine_arguments(adaptive.speculative, speculative_config, other)
+        speculative_config = settings.pop("speculative_config")
+        other.update(settings)
     if speculative_config:
         # vLLM's V1 runner refuses custom logits processors under speculative decoding.
         # Requests that name a sampler are refused at admission (patch spec-decode-admission).

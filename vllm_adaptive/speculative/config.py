@@ -1,9 +1,9 @@
 """Parameters of adaptive draft length (issue #5): the stop rules, the calibrator, the controller.
 
-`AdaptiveDraftConfig` is meant to become the `speculative` section of `AdaptiveConfig`
-(vllm_adaptive/config.py); it is validated once, when it is built. Each bad value raises a
-`ConfigError` that starts with the field name, so `config._build` can prefix the section
-("adaptive.yaml: speculative.entropy_threshold must be ..."). It imports neither torch nor vLLM.
+`AdaptiveDraftConfig` is the `speculative` section of `AdaptiveConfig` (vllm_adaptive/config.py);
+it is validated once, when it is built. Each bad value raises a `ConfigError` that starts with
+the field name, so `config._build` can prefix the section ("adaptive.yaml:
+speculative.entropy_threshold must be ..."). It imports neither torch nor vLLM.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from vllm_adaptive.config import ConfigError
+from vllm_adaptive.errors import ConfigError
 from vllm_adaptive.sampling.param_spec import NumberParam, SamplerParamError
 
 INF = math.inf

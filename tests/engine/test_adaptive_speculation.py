@@ -1,0 +1,233 @@
+"""Adaptive draft length in a real vLLM engine (offline `LLM` on CPU), issue #5.
+
+Each engine runs the same workload once (reference.spec_workload: 8 concurrent prompts, greedy
+then seeded sampling), reports vLLM's spec-decode counters and the adaptive proposer's state,
+and shuts down before the next starts: one engine at a time. Plain-vLLM runs happen in a
+subprocess with VLLM_PLUGINS="" so that nothing of the plugin is loaded there.
+
+Models: the target is the suite's tiny random model; the draft is its first layer with the same
+embeddings and LM head (tests/draft_models.py), so the two agree on some tokens and not others.
+The random models' distributions are nearly flat (draft entropy ~6.2-6.4 nats, ln V = 6.93),
+so the entropy threshold below sits inside that range: the rule then stops some drafts early
+and lets others run, which is what the tests need to see. The trained pair, when it is cached,
+gives real figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm import LLM
+
+import vllm_adaptive
+from draft_models import ensure_truncated_draft
+from reference import ENGINE_ARGS, SPEC_PROMPTS, spec_workload
+from vllm_adaptive.introspection import adaptive_worker_state
+
+pytestmark = pytest.mark.engine
+
+TESTS = Path(__file__).parent.parent
+K_MAX = 4
+# 64 MiB of KV cache: plenty for 8 requests of ~60 tokens, small beside the other job here.
+ENGINE = {**ENGINE_ARGS, "kv_cache_memory_bytes": 64 << 20, "disable_log_stats": False}
+ENTROPY_RULE = {"enabled": True, "max_draft_tokens": K_MAX, "stop_rule": "entropy",
+                "entropy_threshold": 6.3, "controller": False}
+
+
+def speculative_config(draft: Path, k: int = K_MAX) -> dict[str, Any]:
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+
+
+def plain_run(model: Path, engine_args: dict[str, Any], out: Path, **workload: Any) -> dict[str, Any]:
+    """reference.spec_workload in plain vLLM (no plugin loaded), in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "plain_vllm_run.py"), str(model), str(out), json.dumps(engine_args),
+         json.dumps(workload)],
+        env={**os.environ, "VLLM_PLUGINS": ""}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"plain vLLM run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def plugin_run(model: Path, config: dict[str, Any], workload: dict[str, Any] | None = None,
+               **engine_args: Any) -> dict[str, Any]:
+    """reference.spec_workload with the plugin on, plus the adaptive proposer's state."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a callable
+    llm = LLM(str(model), **vllm_adaptive.engine_kwargs(config, **{**ENGINE, **engine_args}))
+    try:
+        result = spec_workload(llm, **(workload or {}))
+        [state] = llm.collective_rpc(adaptive_worker_state)
+        result["speculative"] = state["speculative"]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return result
+
+
+class Runs:
+    """Each engine configuration runs once per module, when a test first needs it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._done: dict[str, dict[str, Any]] = {}
+
+    def get(self, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if name not in self._done:
+            self._done[name] = run()
+            # kept for a reader of a failure (pytest --basetemp)
+            (self.folder / f"{name}.json").write_text(json.dumps(self._done[name], indent=1))
+        return self._done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("speculation"))
+
+
+@pytest.fixture(scope="module")
+def draft_model(tiny_model: Path) -> Path:
+    return ensure_truncated_draft(tiny_model, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def no_speculation(runs: Runs, tiny_model: Path) -> dict[str, Any]:
+    return runs.get("none", lambda: plain_run(tiny_model, ENGINE, runs.folder / "none.json"))
+
+
+@pytest.fixture(scope="module")
+def vllm_speculation(runs: Runs, tiny_model: Path, draft_model: Path) -> dict[str, Any]:
+    """vLLM's own draft-model speculation, fixed K."""
+    args = {**ENGINE, "speculative_config": speculative_config(draft_model)}
+    return runs.get("vllm", lambda: plain_run(tiny_model, args, runs.folder / "vllm.json"))
+
+
+@pytest.fixture(scope="module")
+def adaptive(runs: Runs, tiny_model: Path, draft_model: Path) -> dict[str, Any]:
+    return runs.get("adaptive", lambda: plugin_run(
+        tiny_model, {"speculative": ENTROPY_RULE}, speculative_config=speculative_config(draft_model)))
+
+
+@pytest.fixture(scope="module")
+def adaptive_off(runs: Runs, tiny_model: Path, draft_model: Path) -> dict[str, Any]:
+    """The plugin on, speculative.enabled false, vLLM's draft-model speculation."""
+    return runs.get("adaptive-off", lambda: plugin_run(
+        tiny_model, {}, speculative_config=speculative_config(draft_model)))
+
+
+def test_adaptive_greedy_outputs_equal_outputs_without_speculation(
+    adaptive: dict[str, Any], no_speculation: dict[str, Any]
+) -> None:
+    assert [len(t) for t in adaptive["greedy"]] == [48] * len(SPEC_PROMPTS)
+    assert adaptive["greedy"] == no_speculation["greedy"]
+
+
+def test_adaptive_drafts_have_varying_lengths_and_end_early(adaptive: dict[str, Any]) -> None:
+    state = adaptive["speculative"]
+    assert state["enabled"] is True and state["stop_rule"] == "entropy"
+    counters = state["counters"]
+    assert counters["failures"] == 0
+    histogram = counters["length_histogram"]
+    assert len(histogram) == K_MAX + 1
+    # more than one draft length occurred, among them some shorter than K_max
+    assert sum(1 for n in histogram if n > 0) >= 2, histogram
+    assert sum(histogram[:K_MAX]) > 0, histogram
+    assert 0 < state["mean_draft_length"] < K_MAX
+    # every row stopped before K_max in some steps: the draft loop ended early there
+    assert counters["early_exits"] > 0
+    assert counters["draft_passes"] < counters["proposals"] * K_MAX
+
+
+def test_adaptive_acceptance_feedback_matches_vllm_counters(adaptive: dict[str, Any]) -> None:
+    """The proposer's view of verification (its drafts, matched to what the scheduler kept)
+    agrees with the counts vLLM's scheduler reports."""
+    counters, metrics = adaptive["speculative"]["counters"], adaptive["spec_metrics"]
+    assert counters["verified_drafts"] == metrics["vllm:spec_decode_num_drafts"]
+    assert counters["verified_tokens"] == metrics["vllm:spec_decode_num_draft_tokens"]
+    assert counters["accepted_tokens"] == metrics["vllm:spec_decode_num_accepted_tokens"]
+    # the drafts vLLM verified are shorter than K_max on average
+    assert metrics["vllm:spec_decode_num_draft_tokens"] < K_MAX * metrics["vllm:spec_decode_num_drafts"]
+
+
+def test_adaptive_sampled_requests_complete(adaptive: dict[str, Any]) -> None:
+    assert [len(t) for t in adaptive["sampled"]] == [48] * len(SPEC_PROMPTS)
+
+
+def test_plugin_with_adaptive_drafting_off_is_vllms_draft_model_speculation(
+    adaptive_off: dict[str, Any], vllm_speculation: dict[str, Any], no_speculation: dict[str, Any]
+) -> None:
+    assert adaptive_off["speculative"] == {"enabled": False}
+    assert adaptive_off["greedy"] == vllm_speculation["greedy"] == no_speculation["greedy"]
+    # the same drafts, verified the same way, position by position: K_max tokens every time
+    metrics = vllm_speculation["greedy_metrics"]
+    assert adaptive_off["greedy_metrics"] == metrics
+    assert metrics["vllm:spec_decode_num_draft_tokens"] == K_MAX * metrics["vllm:spec_decode_num_drafts"]
+    assert [len(t) for t in adaptive_off["sampled"]] == [48] * len(SPEC_PROMPTS)
+
+
+# --- the trained pair (benchmarks/models), when it is cached ----------------------------------
+
+TRAINED_K_MAX = 6
+TRAINED_MAX_TOKENS = 64
+SPECDEC_RULE = {"enabled": True, "max_draft_tokens": TRAINED_K_MAX, "stop_rule": "specdec"}
+
+
+@pytest.fixture(scope="module")
+def trained_pair() -> dict[str, Path]:
+    """The cached trained draft and target; never trains (that takes 20+ minutes)."""
+    from benchmarks.models.pair import CONFIGS
+    from benchmarks.models.tokenizer import train_tokenizer
+    from benchmarks.models.train import cache_key, data_fingerprint, is_complete, model_dir
+
+    data = data_fingerprint()
+    folders = {}
+    for role in ("draft", "target"):
+        config = CONFIGS[role]
+        folders[role] = model_dir(config, cache_key(config, train_tokenizer(config.shape.vocab_size).to_str(), data))
+    missing = [str(folder) for folder in folders.values() if not is_complete(folder)]
+    if missing:
+        pytest.skip(f"the trained pair is not cached ({', '.join(missing)}); "
+                    "`python -m benchmarks.models.train` trains it (20+ minutes)")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def trained_workload() -> dict[str, Any]:
+    from benchmarks.tasks.mixture import eval_examples
+
+    prompts = [e.prompt for task in ("arith", "text") for e in eval_examples(task, n=4)]
+    return {"prompts": prompts, "max_tokens": TRAINED_MAX_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def trained_no_speculation(runs: Runs, trained_pair: dict[str, Path], trained_workload: dict[str, Any]) -> dict[str, Any]:
+    return runs.get("trained-none", lambda: plain_run(
+        trained_pair["target"], ENGINE, runs.folder / "trained-none.json", **trained_workload))
+
+
+@pytest.fixture(scope="module")
+def trained_adaptive(runs: Runs, trained_pair: dict[str, Path], trained_workload: dict[str, Any]) -> dict[str, Any]:
+    return runs.get("trained-adaptive", lambda: plugin_run(
+        trained_pair["target"], {"speculative": SPECDEC_RULE}, trained_workload,
+        speculative_config=speculative_config(trained_pair["draft"], TRAINED_K_MAX)))
+
+
+def test_trained_pair_greedy_outputs_equal_outputs_without_speculation(
+    trained_adaptive: dict[str, Any], trained_no_speculation: dict[str, Any]
+) -> None:
+    assert trained_adaptive["greedy"] == trained_no_speculation["greedy"]
+
+
+def test_trained_pair_drafts_follow_the_calibrated_acceptance(trained_adaptive: dict[str, Any]) -> None:
+    state = trained_adaptive["speculative"]
+    counters, metrics = state["counters"], trained_adaptive["spec_metrics"]
+    assert state["stop_rule"] == "specdec" and counters["failures"] == 0
+    assert sum(1 for n in counters["length_histogram"] if n > 0) >= 2, counters["length_histogram"]
+    assert counters["accepted_tokens"] == metrics["vllm:spec_decode_num_accepted_tokens"]
+    assert counters["verified_tokens"] == metrics["vllm:spec_decode_num_draft_tokens"]
+    assert 0.0 < state["acceptance_rate"] < 1.0

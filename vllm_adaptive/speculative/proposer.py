@@ -1,0 +1,194 @@
+"""vLLM's draft-model proposer with per-request adaptive draft length (issue #5).
+
+The V1 model runner builds `DraftModelProposer` for `method: "draft_model"`; the patch
+`gpu_model_runner_draft_model_proposer` makes it build this subclass instead. On an engine
+without the plugin's config, or with `speculative.enabled: false`, every override delegates
+to vLLM at once: the proposer is vLLM's, call for call.
+
+With adaptive drafting on, each `propose`:
+
+1. reads how many of the previous step's draft tokens the target accepted (the runner's
+   scheduled draft counts and `num_rejected_tokens_gpu`) and feeds them to the policy
+   (calibrator, AdaEDL lambda, per-request acceptance);
+2. asks the policy for the cap K (the goodput controller, when on) and runs vLLM's own draft
+   loop with it; every draft step goes through `_sample_draft_tokens`, where the policy's stop
+   rule decides, row by row, whether the draft goes on. When every row has stopped, the loop
+   ends early: `_sample_draft_tokens` raises `_DraftsEnded`, which `propose` catches. vLLM
+   calls `_sample_draft_tokens` only after its forward context has closed, and the loop has
+   nothing left to do but stack what was drafted, so ending it there leaves the proposer as if
+   it had been asked for fewer tokens;
+3. returns each row's draft as a list of its own length, which the runner passes to the
+   scheduler unchanged; rows that stopped at once draft nothing (a plain decode step).
+
+Verification is vLLM's rejection sampler, unchanged, so greedy output is the target's. An
+internal error in the policy degrades that step to vLLM's fixed-K drafting, is logged, and is
+counted (`failures`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from vllm_adaptive.config import AdaptiveConfig
+from vllm_adaptive.speculative.compatibility import check_vllm_config
+from vllm_adaptive.speculative.policy import DraftInProgress, DraftLengthPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class _DraftsEnded(Exception):
+    """Raised inside vLLM's draft loop when every row's draft has stopped."""
+
+
+class AdaptiveDraftModelProposer(DraftModelProposer):
+    def __init__(self, vllm_config: Any, device: torch.device, runner: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self._runner = runner  # vLLM's base class accepts it and drops it
+        self._draft: DraftInProgress | None = None
+        self._last_step_end: float | None = None
+        self._failure_logged = False
+        self.policy: DraftLengthPolicy | None = None
+        adaptive = AdaptiveConfig.from_vllm_config(vllm_config)
+        if adaptive is not None and adaptive.speculative.enabled:
+            check_vllm_config(adaptive.speculative, vllm_config)
+            if runner is None:
+                raise RuntimeError("adaptive drafting needs the model runner; vLLM passed none")
+            self.policy = DraftLengthPolicy(adaptive.speculative, device=device)
+            logger.info(
+                "vllm-adaptive: adaptive draft length on (stop rule %s, up to %d tokens, "
+                "controller %s)", adaptive.speculative.stop_rule,
+                adaptive.speculative.max_draft_tokens,
+                "on" if adaptive.speculative.controller else "off",
+            )
+
+    # --- vLLM's entry points -----------------------------------------------------------------
+
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids: torch.Tensor,
+        target_positions: torch.Tensor,
+        target_hidden_states: torch.Tensor,
+        next_token_ids: torch.Tensor,
+        token_indices_to_sample: torch.Tensor | None,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu: torch.Tensor | None = None,
+        slot_mappings=None,
+    ) -> torch.Tensor | list[list[int]]:
+        arguments = dict(
+            target_token_ids=target_token_ids,
+            target_positions=target_positions,
+            target_hidden_states=target_hidden_states,
+            next_token_ids=next_token_ids,
+            token_indices_to_sample=token_indices_to_sample,
+            common_attn_metadata=common_attn_metadata,
+            sampling_metadata=sampling_metadata,
+            mm_embed_inputs=mm_embed_inputs,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+            slot_mappings=slot_mappings,
+        )
+        policy = self.policy
+        if policy is None:
+            return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+
+        started = time.perf_counter()
+        if self.device.type == "cuda" and policy.controller is not None:
+            torch.cuda.synchronize(self.device)  # the target's step ends here, for its timing
+            started = time.perf_counter()
+        num_rows = next_token_ids.shape[0]
+        num_tokens = int(common_attn_metadata.num_actual_tokens)  # the target step's tokens
+        try:
+            req_ids = list(self._runner.input_batch.req_ids[:num_rows])
+            decoding = (self._runner.discard_request_mask.np[:num_rows] == 0).tolist()
+            self._observe_verification(req_ids, num_rows, num_rejected_tokens_gpu)
+            draft = policy.begin(req_ids, decoding, num_speculative_tokens)
+        except Exception:
+            self._failed("preparing the step")
+            return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+
+        self._draft = draft
+        upstream = None
+        try:
+            upstream = super().propose(num_speculative_tokens=draft.k, **arguments)
+        except _DraftsEnded:
+            pass
+        finally:
+            self._draft = None
+        if draft.failed:
+            return upstream  # the step's drafts are vLLM's fixed-K ones
+
+        try:
+            drafts = policy.finish(draft, req_ids, decoding)
+            self._last_draft_probs = draft.draft_probs()
+            ended = time.perf_counter()
+            verify_seconds = None if self._last_step_end is None else started - self._last_step_end
+            passes = max(draft.steps, 1)  # K = 0 still runs the first pass
+            policy.observe_step(num_rows, num_tokens, verify_seconds, passes, ended - started)
+            self._last_step_end = ended
+        except Exception:
+            self._failed("finishing the step")
+            if upstream is None:  # the loop ended early: pad nothing, send what was drafted
+                return torch.stack(draft.tokens, dim=1) if draft.tokens else torch.empty(
+                    num_rows, 0, dtype=torch.int64, device=next_token_ids.device)
+            return upstream
+        return drafts
+
+    def _sample_draft_tokens(
+        self, hidden_states: torch.Tensor, sampling_metadata: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        draft = self._draft
+        if draft is None or draft.failed:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        # As vLLM's greedy path (argmax of compute_logits) or its probabilistic one.
+        logits = self.model.compute_logits(hidden_states)
+        token_ids, probs = self._sample_from_logits(logits, sampling_metadata)
+        try:
+            draft.record(logits, token_ids, probs)
+            end = draft.should_end()
+        except Exception:
+            draft.failed = True
+            self._failed("a draft step")
+            return token_ids, probs
+        if end:
+            raise _DraftsEnded
+        return token_ids, probs
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _observe_verification(
+        self, req_ids: list[str], num_rows: int, num_rejected_tokens_gpu: torch.Tensor | None
+    ) -> None:
+        """Feed the policy the verification of the drafts the target just checked."""
+        assert self.policy is not None
+        if num_rejected_tokens_gpu is None:
+            return
+        runner = self._runner
+        scheduled = runner.num_decode_draft_tokens.np[:num_rows].tolist()  # -1: prompt chunk
+        rejected = num_rejected_tokens_gpu[:num_rows].tolist()
+        drafts = [list(runner.input_batch.spec_token_ids[i]) if scheduled[i] > 0 else []
+                  for i in range(num_rows)]
+        accepted = [max(scheduled[i], 0) - rejected[i] for i in range(num_rows)]
+        self.policy.observe_verification(req_ids, drafts, accepted)
+
+    def _failed(self, where: str) -> None:
+        assert self.policy is not None
+        self.policy.record_failure()
+        if not self._failure_logged:
+            logger.exception(
+                "vllm-adaptive: adaptive drafting failed in %s; this step drafts vLLM's "
+                "fixed number of tokens (further failures are counted, not logged)", where,
+            )
+            self._failure_logged = True
+
+    def adaptive_state(self) -> dict[str, Any]:
+        """What `vllm_adaptive.introspection` reports about this proposer."""
+        if self.policy is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.policy.snapshot()}
