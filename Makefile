@@ -12,6 +12,10 @@ MODEL ?=
 SERVED_MODEL_NAME ?= adaptive-target
 # Optional YAML config for the plugin (see README, "Configuration").
 ADAPTIVE_CONFIG ?=
+# Speculative decoding with vLLM's draft-model method: `draft` (the project's trained draft,
+# trained on first use) or a model folder; add ADAPTIVE_CONFIG=configs/adaptive-speculative.yaml
+# for adaptive draft length (README, "Speculative decoding with adaptive draft length").
+DRAFT_MODEL ?=
 # On CPU, vLLM reserves gpu_memory_utilization (default 0.92) of *host RAM* for the KV cache;
 # a fixed small budget leaves room for other processes.
 KV_CACHE_BYTES ?= 2147483648
@@ -44,9 +48,12 @@ train: setup
 serve: setup
 	@model="$(MODEL)"; \
 	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.train --model target --print-path) || exit 1; fi; \
-	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive"; \
+	draft="$(DRAFT_MODEL)"; \
+	if [ "$$draft" = draft ]; then draft=$$($(BIN)/python -m benchmarks.models.train --model draft --print-path) || exit 1; fi; \
+	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive$${draft:+, draft model $$draft}"; \
 	exec $(BIN)/vllm serve "$$model" --plugin adaptive \
 		$(if $(ADAPTIVE_CONFIG),--adaptive-config $(ADAPTIVE_CONFIG)) \
+		$${draft:+--speculative-config "{\"method\": \"draft_model\", \"model\": \"$$draft\"}"} \
 		--served-model-name $(SERVED_MODEL_NAME) --host $(HOST) --port $(PORT) \
 		--kv-cache-memory-bytes $(KV_CACHE_BYTES) --max-model-len $(MAX_MODEL_LEN)
 

@@ -40,6 +40,11 @@ def opt_in(engine_args: Any, args: argparse.Namespace) -> Any:
     # Set in place: dataclasses.replace would run EngineArgs.__post_init__ a second time.
     for name, value in kwargs.items():
         setattr(engine_args, name, value)
+    # This process serves /metrics: give the engine's workers a folder for their figures
+    # (named in the environment, which the engine processes started after this inherit).
+    from vllm_adaptive.worker_metrics import serve_worker_metrics
+
+    serve_worker_metrics()
     return engine_args
 
 

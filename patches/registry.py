@@ -50,7 +50,9 @@ PATCHES: tuple[PatchSpec, ...] = (
         how=(
             "Wrap the classmethod: build EngineArgs as upstream does, then, only when --plugin "
             "adaptive was given, set additional_config['adaptive'] and append our logits "
-            "processor via vllm_adaptive.engine_kwargs (the same path offline users call)."
+            "processor via vllm_adaptive.engine_kwargs (the same path offline users call), and "
+            "name the folder the workers write their /metrics figures to "
+            "(vllm_adaptive.worker_metrics) before vLLM starts the engine."
         ),
         upstream="none (follows the cli-flags patch).",
         removal="With the cli-flags patch.",

@@ -11,6 +11,7 @@ the same values without environment variables or files.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -145,6 +146,19 @@ def _build(cls: type[_T], data: Mapping[str, Any], source: str, prefix: str) -> 
 
 
 def _coerce(expected: Any, value: Any, source: str, key: str) -> Any:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        members = typing.get_args(expected)
+        for member in members:  # in declaration order: `float | str` reads 0.9 as a float
+            if member is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(member, value, source, key)
+            except ConfigError:
+                continue
+        names = " or ".join("null" if m is type(None) else m.__name__ for m in members)
+        raise ConfigError(f"{source}: {key} must be a {names}, got {value!r}")
     if expected is bool:
         if isinstance(value, bool):
             return value

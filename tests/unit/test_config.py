@@ -128,3 +128,37 @@ def test_every_sampler_default_is_range_checked(key: str, value: float, interval
     with pytest.raises(ConfigError) as e:
         AdaptiveConfig.from_dict({"sampling": {key: value}})
     assert f"sampling.{key} must be a number in {interval}, got {float(value)!r}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "pattern"),
+    [
+        ({"specdec_threshold": "often"}, r"speculative\.specdec_threshold must be 'auto' or a number in \(0, 1\), got 'often'"),
+        ({"specdec_threshold": 0.0}, r"speculative\.specdec_threshold must be 'auto' or a number in \(0, 1\), got 0\.0"),
+        ({"draft_cost_ratio": 1.5}, r"speculative\.draft_cost_ratio must be null \(measured\) or a number in \(0, 1\), got 1\.5"),
+        ({"draft_cost_ratio": "low"}, r"speculative\.draft_cost_ratio must be a float or null, got 'low'"),
+    ],
+)
+def test_speculative_threshold_and_cost_ratio_are_validated(section: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        AdaptiveConfig.from_dict({"speculative": section})
+
+
+def test_speculative_auto_threshold_and_measured_ratio_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text("speculative:\n  specdec_threshold: auto\n  draft_cost_ratio: null\n")
+    config = AdaptiveConfig.from_file(path)
+    assert config.speculative.specdec_threshold == "auto" and config.speculative.draft_cost_ratio is None
+    path.write_text("speculative:\n  specdec_threshold: 0.8\n  draft_cost_ratio: 0.05\n")
+    config = AdaptiveConfig.from_file(path)
+    assert config.speculative.specdec_threshold == 0.8 and config.speculative.draft_cost_ratio == 0.05
+    assert AdaptiveConfig.from_dict(config.to_dict()) == config
+
+
+def test_controller_initial_k_defaults_below_a_small_max_draft_tokens() -> None:
+    from vllm_adaptive.speculative.config import initial_k
+
+    assert initial_k(AdaptiveConfig.from_dict({"speculative": {"max_draft_tokens": 2}}).speculative) == 2
+    assert initial_k(AdaptiveConfig.from_dict({"speculative": {"max_draft_tokens": 8}}).speculative) == 4
+    config = AdaptiveConfig.from_dict({"speculative": {"max_draft_tokens": 8, "controller_initial_k": 0}})
+    assert initial_k(config.speculative) == 0

@@ -239,7 +239,7 @@ def test_config_defaults_are_valid_and_off() -> None:
             {"entropy_threshold": -1.0},
             r"^entropy_threshold must be a number in \(0, inf\), got -1\.0$",
         ),
-        ({"specdec_threshold": 1.0}, r"^specdec_threshold must be a number in \(0, 1\), got 1\.0$"),
+        ({"specdec_threshold": 1.0}, r"^specdec_threshold must be 'auto' or a number in \(0, 1\), got 1\.0$"),
         ({"adaedl_lambda": 2}, r"^adaedl_lambda must be a number in \[0, 1\], got 2$"),
         ({"calibration_decay": 0.0}, r"^calibration_decay must be a number in \(0, 1\], got 0\.0$"),
         (

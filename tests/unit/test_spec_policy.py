@@ -208,3 +208,33 @@ def test_snapshot_reports_mean_length_and_acceptance() -> None:
     assert snapshot["mean_draft_length"] == pytest.approx(1.5)
     assert snapshot["acceptance_rate"] == pytest.approx(2 / 3)
     assert math.isclose(sum(snapshot["counters"]["length_histogram"]), 2)
+
+
+def test_auto_specdec_threshold_follows_the_measured_draft_cost_ratio() -> None:
+    """theta = 1 - r, r = (draft pass + one more verified token per row) / a plain step."""
+    config = AdaptiveDraftConfig(enabled=True, max_draft_tokens=4, stop_rule="specdec",
+                                 controller=True, controller_min_samples=4, controller_initial_k=4)
+    policy = DraftLengthPolicy(config)
+    assert policy.rule.threshold == pytest.approx(0.9)  # before any timing: r = 0.1
+    for step in range(12):
+        rows, k = 1 + step % 3, 1 + step % 4
+        tokens = rows * (1 + k)
+        # verify: 6 ms + 1 ms per row + 0.5 ms per token; draft: 1 ms + 2 ms per pass + 0.5 ms per pass-row
+        verify_seconds = 0.006 + 0.001 * rows + 0.0005 * tokens
+        draft_seconds = 0.001 + 0.002 * k + 0.0005 * k * rows
+        policy.observe_step(rows, tokens, verify_seconds, k, draft_seconds)
+    progress = policy.begin(["a", "b"], [True, True], 4)
+    assert progress.k >= 1
+    base = 0.006 + 0.001 * 2 + 0.0005 * 2
+    extra = 0.002 + 0.0005 * 2 + 0.0005 * 2
+    assert policy.cost_ratio == pytest.approx(extra / base, rel=1e-3)
+    assert policy.rule.threshold == pytest.approx(1 - extra / base, rel=1e-3)
+
+
+def test_pinned_draft_cost_ratio_and_fixed_threshold() -> None:
+    pinned = DraftLengthPolicy(AdaptiveDraftConfig(enabled=True, stop_rule="specdec", draft_cost_ratio=0.05))
+    pinned.begin(["a"], [True], 8)
+    assert pinned.rule.threshold == pytest.approx(0.95)
+    fixed = DraftLengthPolicy(AdaptiveDraftConfig(enabled=True, stop_rule="specdec", specdec_threshold=0.6))
+    fixed.begin(["a"], [True], 8)
+    assert fixed.rule.threshold == pytest.approx(0.6)

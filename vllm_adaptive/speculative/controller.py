@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+from vllm_adaptive.speculative.config import AdaptiveDraftConfig, initial_k
 
 
 def expected_accepted_length(acceptance: torch.Tensor) -> torch.Tensor:
@@ -69,10 +69,12 @@ class LinearTimeModel:
         self.forget = float(forget)
         self.slope_prior = float(slope_prior)
         dim = num_features + 1  # z = [features, seconds]
+        # Plain Python floats: a step adds one observation and reads a few predictions, and
+        # torch's per-call overhead on [3, 3] tensors would cost more than the arithmetic.
         self._weight = 0.0
-        self._mean = torch.zeros(dim, dtype=torch.float64)
-        self._comoment = torch.zeros(dim, dim, dtype=torch.float64)  # sum w (z - mean)(z - mean)^T
-        self._coef: torch.Tensor | None = None
+        self._mean = [0.0] * dim
+        self._comoment = [[0.0] * dim for _ in range(dim)]  # sum w (z - mean)(z - mean)^T
+        self._coef: list[float] | None = None
         self.num_observations = 0
 
     def observe(self, features: Sequence[float], seconds: float) -> None:
@@ -81,32 +83,62 @@ class LinearTimeModel:
             raise ValueError(f"expected {self.num_features} features, got {list(features)}")
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds must be finite and >= 0, got {seconds!r}")
-        z = torch.tensor([*features, seconds], dtype=torch.float64)
+        z = [*(float(f) for f in features), float(seconds)]
         self._weight = self._weight * self.forget + 1.0
-        delta = z - self._mean
-        self._mean = self._mean + delta / self._weight
-        self._comoment = self._comoment * self.forget + torch.outer(delta, z - self._mean)
+        delta = [zi - mi for zi, mi in zip(z, self._mean)]
+        self._mean = [mi + di / self._weight for mi, di in zip(self._mean, delta)]
+        after = [zi - mi for zi, mi in zip(z, self._mean)]
+        forget = self.forget
+        self._comoment = [[c * forget + d * a for c, a in zip(row, after)]
+                          for row, d in zip(self._comoment, delta)]
         self._coef = None
         self.num_observations += 1
+
+    def coefficient_floats(self) -> list[float]:
+        """[c0, c...] as Python floats (cached until the next observation); zeros before any."""
+        if self._coef is None:
+            n = self.num_features
+            coef = [0.0] * (n + 1)
+            if self.num_observations > 0:
+                cov = self._comoment
+                # (cov_xx + diag(ridge)) slopes = cov_xy, by Gaussian elimination with pivoting.
+                a = [[cov[i][j] + (self.slope_prior * cov[i][i] + 1e-300 if i == j else 0.0)
+                      for j in range(n)] + [cov[i][n]] for i in range(n)]
+                slopes = [max(x, 0.0) for x in _solve(a)]
+                coef[1:] = slopes
+                coef[0] = max(self._mean[n] - sum(s * m for s, m in zip(slopes, self._mean)), 0.0)
+            self._coef = coef
+        return self._coef
 
     @property
     def coefficients(self) -> torch.Tensor:
         """[c0, c...] (float64); zeros before any observation."""
-        if self._coef is None:
-            coef = torch.zeros(self.num_features + 1, dtype=torch.float64)
-            if self.num_observations > 0:
-                cov_xx = self._comoment[:-1, :-1]
-                cov_xy = self._comoment[:-1, -1]
-                ridge = self.slope_prior * torch.diagonal(cov_xx) + 1e-300
-                slopes = torch.linalg.solve(cov_xx + torch.diag(ridge), cov_xy).clamp(min=0.0)
-                coef[1:] = slopes
-                coef[0] = (self._mean[-1] - slopes @ self._mean[:-1]).clamp(min=0.0)
-            self._coef = coef
-        return self._coef
+        return torch.tensor(self.coefficient_floats(), dtype=torch.float64)
 
     def predict(self, features: Sequence[float]) -> float:
-        coef = self.coefficients
-        return float(coef[0]) + sum(float(c) * float(f) for c, f in zip(coef[1:], features))
+        coef = self.coefficient_floats()
+        return coef[0] + sum(c * float(f) for c, f in zip(coef[1:], features))
+
+
+def _solve(augmented: list[list[float]]) -> list[float]:
+    """x with A x = b for the augmented rows [A | b] (A square, positive definite here)."""
+    rows = [list(r) for r in augmented]
+    n = len(rows)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        p = rows[col][col]
+        if p == 0.0:
+            continue
+        for r in range(col + 1, n):
+            factor = rows[r][col] / p
+            if factor:
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        p = rows[r][r]
+        x[r] = 0.0 if p == 0.0 else (rows[r][n] - sum(rows[r][c] * x[c] for c in range(r + 1, n))) / p
+    return x
 
 
 class GoodputController:
@@ -153,7 +185,7 @@ class GoodputController:
     def from_config(cls, config: AdaptiveDraftConfig) -> GoodputController:
         return cls(
             config.max_draft_tokens,
-            initial_k=config.controller_initial_k,
+            initial_k=initial_k(config),
             margin=config.controller_margin,
             patience=config.controller_patience,
             min_samples=config.controller_min_samples,
@@ -204,6 +236,19 @@ class GoodputController:
         passes = self.draft_passes(k)
         draft = self.draft_time.predict((passes, passes * num_rows)) if passes else 0.0
         return self.verify_time.predict((num_rows, num_rows * (1 + k))) + draft
+
+    def draft_cost_ratio(self, num_rows: int) -> float | None:
+        """What extending every row's draft by one token costs (one more draft pass and one more
+        verified token per row), relative to a plain step's verification, for `num_rows` rows;
+        None until both time models have `min_samples` observations."""
+        if not self.warmed_up or num_rows < 1:
+            return None
+        base = self.verify_time.predict((num_rows, num_rows))
+        if base <= 0:
+            return None
+        _, per_pass, per_pass_row = self.draft_time.coefficient_floats()
+        _, _, per_token = self.verify_time.coefficient_floats()
+        return (per_pass + per_pass_row * num_rows + per_token * num_rows) / base
 
     def decide(self, acceptance: torch.Tensor) -> int:
         """The cap K for the next step; `acceptance` as in `expected_goodput`."""

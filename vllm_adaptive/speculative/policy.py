@@ -26,16 +26,18 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+from vllm_adaptive.speculative.config import AUTO, DEFAULT_DRAFT_COST_RATIO, AdaptiveDraftConfig
 from vllm_adaptive.speculative.controller import GoodputController
 from vllm_adaptive.speculative.stop_rules import (
     AdaEDLStopRule,
     DraftState,
+    SpecDecStopRule,
     StopRule,
     build_calibrator,
     build_stop_rule,
     draft_stats,
     draft_stats_from_probs,
+    threshold_for_cost_ratio,
 )
 
 # Verification time above this many times the time model's prediction (or above
@@ -65,6 +67,8 @@ class DraftCounters:
     draft_tokens: int = 0  # draft tokens returned to the scheduler
     draft_passes: int = 0  # draft forward passes run (the first pass included)
     early_exits: int = 0  # proposals whose draft loop ended before K because every row stopped
+    rule_stops: int = 0  # decode rows whose stop rule ended the draft before the cap K
+    cap_reached: int = 0  # decode rows whose draft reached the cap K (K = 0 included)
     verified_drafts: int = 0  # drafts whose verification was observed
     verified_tokens: int = 0  # their draft tokens
     accepted_tokens: int = 0  # of which the target accepted
@@ -98,10 +102,11 @@ class DraftInProgress:
     ) -> None:
         """One draft step: the logits [B, V] the draft computed, the tokens [B] it drafted, and
         the probabilities [B, V] it sampled them from (None: greedy drafting, argmax of logits)."""
+        entropy = self.policy.rule.needs_entropy
         if probs is None:
-            stats = draft_stats(logits)
+            stats = draft_stats(logits, entropy=entropy)
         else:
-            stats = draft_stats_from_probs(probs, token_ids)
+            stats = draft_stats_from_probs(probs, token_ids, entropy=entropy)
         decision = self.policy.rule(stats, self.state)
         alive = self.alive
         self.kept.append(alive & decision.keep)
@@ -136,6 +141,9 @@ class DraftLengthPolicy:
         self.calibrator = build_calibrator(config)
         self.rule: StopRule = build_stop_rule(config, self.calibrator)
         self.controller = GoodputController.from_config(config) if config.controller else None
+        # SpecDec++ with specdec_threshold "auto": theta = 1 - the draft cost ratio, each step.
+        self._auto_threshold = isinstance(self.rule, SpecDecStopRule) and config.specdec_threshold == AUTO
+        self.cost_ratio = config.draft_cost_ratio or DEFAULT_DRAFT_COST_RATIO
         self.requests: dict[str, RequestDraftState] = {}
         # req_id -> (draft tokens, their confidences) awaiting verification.
         self._pending: dict[str, tuple[list[int], list[float]]] = {}
@@ -160,12 +168,16 @@ class DraftLengthPolicy:
             current = set(req_ids)
             self.requests = {r: s for r, s in self.requests.items() if r in current}
 
-    def token_acceptance(self, req_id: str) -> float:
+    def token_acceptance(self, req_id: str, engine_rate: float | None = None) -> float:
         """The request's estimated acceptance of each draft token (the engine-wide rate until
-        the request has its own)."""
+        the request has its own; pass `engine_rate` when asking for many requests)."""
         state = self.requests.get(req_id)
         if state is not None and state.observed > 0:
             return state.accepted / state.observed
+        return self.engine_acceptance() if engine_rate is None else engine_rate
+
+    def engine_acceptance(self) -> float:
+        """Accepted / observed draft tokens over the calibrator's counts (0.5 before any)."""
         total = float(self.calibrator.observed.sum())
         if total > 0:
             return float(self.calibrator.accepted.sum()) / total
@@ -194,9 +206,8 @@ class DraftLengthPolicy:
         if not rows:
             return
         width = max(drafted for _, drafted, _, _ in rows)
-        confidence = torch.zeros(len(rows), width, dtype=torch.float32)
-        for i, (_, drafted, _, conf) in enumerate(rows):
-            confidence[i, :drafted] = torch.tensor(conf, dtype=torch.float32)
+        confidence = torch.tensor([list(conf) + [0.0] * (width - drafted) for _, drafted, _, conf in rows],
+                                  dtype=torch.float32)
         drafted_t = torch.tensor([d for _, d, _, _ in rows])
         accepted_t = torch.tensor([a for _, _, a, _ in rows])
         self.calibrator.update_from_verification(confidence, drafted_t, accepted_t)
@@ -230,14 +241,26 @@ class DraftLengthPolicy:
         if self.controller is not None:
             decoding_ids = [r for r, d in zip(req_ids, decoding) if d]
             width = self.controller.max_draft_tokens
+            engine_rate = self.engine_acceptance()
             acceptance = torch.tensor(
-                [[self.token_acceptance(r)] * width for r in decoding_ids], dtype=torch.float64
+                [[self.token_acceptance(r, engine_rate)] * width for r in decoding_ids], dtype=torch.float64
             ).reshape(len(decoding_ids), width)
             k = min(k, self.controller.decide(acceptance))
+        if self._auto_threshold:
+            self._update_threshold(sum(1 for d in decoding if d))
         lam = torch.tensor([self._request(r).lam for r in req_ids], dtype=torch.float32)
         self.counters.proposals += 1
         self.counters.cap_histogram[k] += 1
         return DraftInProgress(self, len(req_ids), k, lam.to(self.device))
+
+    def _update_threshold(self, num_rows: int) -> None:
+        if self.config.draft_cost_ratio is None and self.controller is not None:
+            measured = self.controller.draft_cost_ratio(num_rows)
+            if measured is not None:
+                self.cost_ratio = measured
+        threshold = threshold_for_cost_ratio(self.cost_ratio)
+        if threshold != self.rule.threshold:  # type: ignore[union-attr]
+            self.rule = dataclasses.replace(self.rule, threshold=threshold)  # type: ignore[type-var]
 
     def finish(
         self, draft: DraftInProgress, req_ids: Sequence[str], decoding: Sequence[bool]
@@ -264,6 +287,10 @@ class DraftLengthPolicy:
             counters.draft_rows += 1
             counters.draft_tokens += len(tokens_r)
             counters.length_histogram[len(tokens_r)] += 1
+            if len(tokens_r) < draft.k:
+                counters.rule_stops += 1
+            else:
+                counters.cap_reached += 1
         return drafts
 
     def observe_step(
@@ -286,6 +313,16 @@ class DraftLengthPolicy:
     def record_failure(self) -> None:
         self.counters.failures += 1
 
+    def metrics_snapshot(self) -> dict:
+        """What the worker publishes for `/metrics` (vllm_adaptive.worker_metrics): plain data."""
+        return {
+            "stop_rule": self.rule.name,
+            "max_draft_tokens": self.config.max_draft_tokens,
+            "counters": dataclasses.asdict(self.counters),
+            "controller_k": None if self.controller is None else self.controller.k,
+            "specdec_threshold": getattr(self.rule, "threshold", None),
+        }
+
     def snapshot(self) -> dict:
         """Counters and state for introspection (plain data)."""
         counters = dataclasses.asdict(self.counters)
@@ -298,6 +335,8 @@ class DraftLengthPolicy:
             "mean_draft_length": self.counters.draft_tokens / rows,
             "acceptance_rate": self.counters.accepted_tokens / verified,
             "controller_k": None if self.controller is None else self.controller.k,
+            "specdec_threshold": getattr(self.rule, "threshold", None),
+            "draft_cost_ratio": self.cost_ratio,
             "calibration": self.calibrator.estimates().tolist(),
             "lambdas": {r: s.lam for r, s in self.requests.items()},
         }

@@ -37,6 +37,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_adaptive.config import AdaptiveConfig
 from vllm_adaptive.speculative.compatibility import check_vllm_config
 from vllm_adaptive.speculative.policy import DraftInProgress, DraftLengthPolicy
+from vllm_adaptive.worker_metrics import SPECULATIVE, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         self._last_step_end: float | None = None
         self._failure_logged = False
         self.policy: DraftLengthPolicy | None = None
+        self._publisher: SnapshotPublisher | None = None
         adaptive = AdaptiveConfig.from_vllm_config(vllm_config)
         if adaptive is not None and adaptive.speculative.enabled:
             check_vllm_config(adaptive.speculative, vllm_config)
             if runner is None:
                 raise RuntimeError("adaptive drafting needs the model runner; vLLM passed none")
             self.policy = DraftLengthPolicy(adaptive.speculative, device=device)
+            # Under `vllm serve --plugin adaptive`: the counters on the API server's /metrics.
+            self._publisher = SnapshotPublisher.from_environment(SPECULATIVE, self.policy.metrics_snapshot)
             logger.info(
                 "vllm-adaptive: adaptive draft length on (stop rule %s, up to %d tokens, "
                 "controller %s)", adaptive.speculative.stop_rule,
@@ -97,7 +101,22 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         policy = self.policy
         if policy is None:
             return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+        try:
+            return self._propose_adaptive(policy, num_speculative_tokens, next_token_ids,
+                                          common_attn_metadata, num_rejected_tokens_gpu, arguments)
+        finally:
+            if self._publisher is not None:
+                self._publisher.touch()  # written from the publisher's thread, not this one
 
+    def _propose_adaptive(
+        self,
+        policy: DraftLengthPolicy,
+        num_speculative_tokens: int,
+        next_token_ids: torch.Tensor,
+        common_attn_metadata: Any,
+        num_rejected_tokens_gpu: torch.Tensor | None,
+        arguments: dict[str, Any],
+    ) -> torch.Tensor | list[list[int]]:
         started = time.perf_counter()
         if self.device.type == "cuda" and policy.controller is not None:
             torch.cuda.synchronize(self.device)  # the target's step ends here, for its timing

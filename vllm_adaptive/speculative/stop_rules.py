@@ -40,42 +40,50 @@ from typing import NamedTuple, Protocol
 import torch
 
 from vllm_adaptive.kernels.row_stats import check_rows, row_stats
-from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+from vllm_adaptive.speculative.config import AUTO, DEFAULT_DRAFT_COST_RATIO, AdaptiveDraftConfig
 
 
 class DraftStats(NamedTuple):
     """Statistics of the draft's next-token distribution per row, each float32 [R]."""
 
-    entropy: torch.Tensor  # Shannon entropy, nats
+    entropy: torch.Tensor | None  # Shannon entropy, nats (None: not computed, no rule needs it)
     top_prob: torch.Tensor  # largest probability
     token_prob: torch.Tensor  # probability of the drafted token
 
 
-def draft_stats(logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> DraftStats:
+def draft_stats(
+    logits: torch.Tensor, token_ids: torch.Tensor | None = None, entropy: bool = True
+) -> DraftStats:
     """Statistics of softmax(logits) [R, V] (-inf entries are masked tokens).
 
     Pass the logits the draft sampled from (divided by the temperature when it samples); the
     entropy is that distribution's. `token_ids` [R] are the drafted tokens; None means greedy
-    drafting, whose token is the argmax, so token_prob = top_prob.
+    drafting, whose token is the argmax, so token_prob = top_prob. entropy=False skips the
+    entropy (one max and one logsumexp per row: what SpecDec++ needs, every draft step).
     """
     check_rows(logits, None, "draft_stats")
-    stats = row_stats(logits)
-    top_prob = torch.exp(stats.row_max - stats.lse)
+    if entropy:
+        stats = row_stats(logits)
+        row_max, lse, row_entropy = stats.row_max, stats.lse, stats.entropy
+    else:
+        x = logits.float()
+        row_max, lse, row_entropy = x.amax(dim=-1), torch.logsumexp(x, dim=-1), None
+    top_prob = torch.exp(row_max - lse)
     if token_ids is None:
         token_prob = top_prob
     else:
         _check_token_ids(token_ids, logits)
         token_logit = logits.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1).float()
-        token_prob = torch.exp(token_logit - stats.lse)
-    return DraftStats(entropy=stats.entropy, top_prob=top_prob, token_prob=token_prob)
+        token_prob = torch.exp(token_logit - lse)
+    return DraftStats(entropy=row_entropy, top_prob=top_prob, token_prob=token_prob)
 
 
 def draft_stats_from_probs(
-    probs: torch.Tensor, token_ids: torch.Tensor | None = None
+    probs: torch.Tensor, token_ids: torch.Tensor | None = None, entropy: bool = True
 ) -> DraftStats:
     """Statistics of probability rows [R, V] (each summing to 1; zeros are masked tokens)."""
     check_rows(probs, None, "draft_stats_from_probs")
-    return draft_stats(torch.log(probs.float()), token_ids)
+    return draft_stats(torch.log(probs.float()), token_ids, entropy)
 
 
 def _check_token_ids(token_ids: torch.Tensor, logits: torch.Tensor) -> None:
@@ -130,6 +138,7 @@ class StopDecision(NamedTuple):
 
 class StopRule(Protocol):
     name: str
+    needs_entropy: bool  # whether the rule reads DraftStats.entropy
 
     def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision: ...
 
@@ -146,10 +155,11 @@ class NoStopRule:
     """Never stops early: drafts run to the controller's cap (fixed-K speculation)."""
 
     name: str = dataclasses.field(default="none", init=False)
+    needs_entropy: bool = dataclasses.field(default=False, init=False)
 
     def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
-        stop = torch.zeros_like(stats.entropy, dtype=torch.bool)
-        return _decision(stop, True, torch.zeros_like(stats.entropy), state)
+        stop = torch.zeros_like(stats.top_prob, dtype=torch.bool)
+        return _decision(stop, True, torch.zeros_like(stats.top_prob), state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +173,7 @@ class EntropyStopRule:
     threshold: float
     keep_stopping_token: bool = True
     name: str = dataclasses.field(default="entropy", init=False)
+    needs_entropy: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold > 0):
@@ -192,6 +203,7 @@ class AdaEDLStopRule:
     beta1: float = 0.5
     beta2: float = 0.9
     name: str = dataclasses.field(default="adaedl", init=False)
+    needs_entropy: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self) -> None:
         checks = {
@@ -258,6 +270,7 @@ class SpecDecStopRule:
     calibrator: AcceptanceCalibrator
     confidence: str = "top_prob"
     name: str = dataclasses.field(default="specdec", init=False)
+    needs_entropy: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -272,8 +285,7 @@ class SpecDecStopRule:
 
     def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
         confidence = stats.top_prob if self.confidence == "top_prob" else stats.token_prob
-        acceptance = self.calibrator.acceptance(confidence)
-        log_survival = state.log_survival + torch.log(acceptance)
+        log_survival = state.log_survival + self.calibrator.log_acceptance(confidence)
         reject_any = -torch.expm1(log_survival)  # 1 - prod(a_i), accurate when it is small
         new_state = state._replace(log_survival=log_survival)
         return _decision(reject_any > self.threshold, True, reject_any, new_state)
@@ -333,6 +345,9 @@ class AcceptanceCalibrator:
         self.centres = (torch.arange(num_bins, dtype=torch.float64, device=device) + 0.5) / num_bins
         self.observed = torch.zeros(num_bins, dtype=torch.float64, device=device)
         self.accepted = torch.zeros(num_bins, dtype=torch.float64, device=device)
+        # (device, estimates float32, log estimates float32), rebuilt after each update: every
+        # draft step reads the table, and the counts change once per engine step.
+        self._tables: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def bins(self, confidence: torch.Tensor) -> torch.Tensor:
         """The bin of each confidence (int64, same shape); values outside [0, 1] are clamped."""
@@ -342,10 +357,19 @@ class AcceptanceCalibrator:
         """The acceptance estimate of each bin, float64 [num_bins], in (0, 1)."""
         return (self.prior * self.centres + self.accepted) / (self.prior + self.observed)
 
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is None or self._tables[0] != device:
+            table = self.estimates().to(device=device, dtype=torch.float32)
+            self._tables = (device, table, torch.log(table))
+        return self._tables[1], self._tables[2]
+
     def acceptance(self, confidence: torch.Tensor) -> torch.Tensor:
         """The estimated acceptance probability for each confidence (float32, same shape)."""
-        table = self.estimates().to(device=confidence.device, dtype=torch.float32)
-        return table[self.bins(confidence).to(confidence.device)]
+        return self._table(confidence.device)[0][self.bins(confidence).to(confidence.device)]
+
+    def log_acceptance(self, confidence: torch.Tensor) -> torch.Tensor:
+        """log of `acceptance(confidence)` (float32, same shape)."""
+        return self._table(confidence.device)[1][self.bins(confidence).to(confidence.device)]
 
     def update(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
         """Add observed tokens: their confidences and whether verification accepted each."""
@@ -360,6 +384,7 @@ class AcceptanceCalibrator:
         hits = accepted.reshape(-1).to(device=device, dtype=torch.float64).unsqueeze(1)
         self.observed = self.observed * self.decay + one_hot.sum(dim=0)
         self.accepted = self.accepted * self.decay + (one_hot * hits).sum(dim=0)
+        self._tables = None
 
     def update_from_verification(
         self, confidence: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor
@@ -395,9 +420,16 @@ def build_stop_rule(
         )
     if calibrator is None:
         raise ValueError("the specdec stop rule needs an AcceptanceCalibrator")
-    return SpecDecStopRule(
-        threshold=config.specdec_threshold, calibrator=calibrator, confidence=config.confidence
-    )
+    threshold = config.specdec_threshold
+    if threshold == AUTO:  # the policy updates it from the measured cost ratio each step
+        threshold = threshold_for_cost_ratio(config.draft_cost_ratio or DEFAULT_DRAFT_COST_RATIO)
+    return SpecDecStopRule(threshold=float(threshold), calibrator=calibrator, confidence=config.confidence)
+
+
+def threshold_for_cost_ratio(ratio: float) -> float:
+    """SpecDec++'s threshold for a draft cost ratio r: theta = 1 - r (r clamped to [0.01, 0.99]):
+    a draft goes on while the estimated probability that all of it is accepted is at least r."""
+    return 1.0 - min(max(float(ratio), 0.01), 0.99)
 
 
 def build_calibrator(

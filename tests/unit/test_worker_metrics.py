@@ -1,0 +1,125 @@
+"""The worker-to-/metrics channel (vllm_adaptive.worker_metrics): snapshot files in, Prometheus out."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_adaptive.speculative.config import AdaptiveDraftConfig
+from vllm_adaptive.speculative.policy import DraftLengthPolicy
+from vllm_adaptive.worker_metrics import (
+    ENV_DIR,
+    SPECULATIVE,
+    SnapshotPublisher,
+    WorkerMetricsCollector,
+    read_snapshots,
+)
+
+
+def scrape(directory: Path) -> dict[str, float]:
+    """Sample name{labels} -> value, as a Prometheus server would read /metrics."""
+    registry = CollectorRegistry()
+    registry.register(WorkerMetricsCollector(directory))  # type: ignore[arg-type]
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def snapshot(rule: str, lengths: list[int], caps: list[int], **counters: int) -> dict:
+    return {"stop_rule": rule, "max_draft_tokens": len(lengths) - 1, "controller_k": counters.pop("k", None),
+            "counters": {"length_histogram": lengths, "cap_histogram": caps, **counters}}
+
+
+def write(directory: Path, name: str, payload: dict) -> None:
+    (directory / f"{SPECULATIVE}-{name}.json").write_text(json.dumps(payload))
+
+
+def test_two_workers_are_summed_into_histogram_counters_and_gauges(tmp_path: Path) -> None:
+    write(tmp_path, "1", snapshot("specdec", [2, 1, 0, 3], [0, 0, 1, 3], draft_tokens=10, verified_tokens=8,
+                                  accepted_tokens=6, draft_passes=9, rule_stops=3, cap_reached=3, failures=0, k=3))
+    write(tmp_path, "2", snapshot("specdec", [0, 0, 4, 0], [0, 0, 2, 0], draft_tokens=8, verified_tokens=8,
+                                  accepted_tokens=2, draft_passes=4, rule_stops=0, cap_reached=4, failures=1, k=2))
+    s = scrape(tmp_path)
+    # Draft lengths 0..3: rows 2, 1, 4, 3 -> cumulative buckets 2, 3, 7, 10.
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=0.0}"] == 2
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=1.0}"] == 3
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=2.0}"] == 7
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=+Inf}"] == 10
+    assert s["vllm_adaptive:spec_draft_length_count{}"] == 10
+    assert s["vllm_adaptive:spec_draft_length_sum{}"] == 18
+    assert s["vllm_adaptive:spec_draft_tokens_total{}"] == 18
+    assert s["vllm_adaptive:spec_verified_draft_tokens_total{}"] == 16
+    assert s["vllm_adaptive:spec_accepted_draft_tokens_total{}"] == 8
+    assert s["vllm_adaptive:spec_acceptance_rate{}"] == pytest.approx(0.5)
+    assert s["vllm_adaptive:spec_draft_passes_total{}"] == 13
+    assert s["vllm_adaptive:spec_failures_total{}"] == 1
+    assert s["vllm_adaptive:spec_draft_ends_total{reason=stop_rule,stop_rule=specdec}"] == 3
+    assert s["vllm_adaptive:spec_draft_ends_total{reason=cap,stop_rule=specdec}"] == 7
+    assert s["vllm_adaptive:spec_controller_decisions_total{k=2}"] == 3
+    assert s["vllm_adaptive:spec_controller_decisions_total{k=3}"] == 3
+    assert s["vllm_adaptive:spec_controller_decisions_total{k=0}"] == 0
+    assert s["vllm_adaptive:spec_controller_cap{}"] == 3
+
+
+def test_no_snapshot_means_no_speculative_metrics_and_a_bad_file_is_skipped(tmp_path: Path) -> None:
+    assert scrape(tmp_path) == {}
+    (tmp_path / f"{SPECULATIVE}-9.json").write_text("{not json")
+    assert read_snapshots(tmp_path, SPECULATIVE) == []
+    assert scrape(tmp_path) == {}
+
+
+def test_publisher_writes_the_policy_counters_after_a_change_only(tmp_path: Path) -> None:
+    policy = DraftLengthPolicy(AdaptiveDraftConfig(enabled=True, max_draft_tokens=4, stop_rule="none",
+                                                   controller=False))
+    publisher = SnapshotPublisher(SPECULATIVE, policy.metrics_snapshot, tmp_path, interval=0.05)
+    try:
+        time.sleep(0.2)
+        assert not publisher.path.exists()  # nothing changed yet: nothing written
+        draft = policy.begin(["a", "b"], [True, True], 1)  # cap K = 1
+        logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+        draft.record(logits, logits.argmax(dim=-1), None)
+        assert policy.finish(draft, ["a", "b"], [True, True]) == [[0], [2]]
+        publisher.touch()
+        deadline = time.monotonic() + 5
+        while not publisher.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        publisher.close()
+    assert publisher.path.name == f"{SPECULATIVE}-{os.getpid()}.json"
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=0.0}"] == 0
+    assert s["vllm_adaptive:spec_draft_length_bucket{le=1.0}"] == 2
+    assert s["vllm_adaptive:spec_draft_ends_total{reason=cap,stop_rule=none}"] == 2
+    assert s["vllm_adaptive:spec_draft_ends_total{reason=stop_rule,stop_rule=none}"] == 0
+    assert s["vllm_adaptive:spec_controller_decisions_total{k=1}"] == 1
+    assert "vllm_adaptive:spec_controller_cap{}" not in s  # controller off: no cap gauge
+    assert list(tmp_path.glob(".*.tmp")) == []  # written by rename
+
+
+def test_publisher_needs_the_folder_the_api_server_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    assert SnapshotPublisher.from_environment(SPECULATIVE, dict) is None
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "gone"))
+    assert SnapshotPublisher.from_environment(SPECULATIVE, dict) is None
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    publisher = SnapshotPublisher.from_environment(SPECULATIVE, dict)
+    assert publisher is not None and publisher.path.parent == tmp_path
+    publisher.close()
+
+
+def test_specdec_threshold_gauge_is_the_smallest_over_workers(tmp_path: Path) -> None:
+    for name, theta in (("1", 0.8), ("2", 0.75)):
+        payload = snapshot("specdec", [1], [1], draft_tokens=0)
+        payload["specdec_threshold"] = theta
+        write(tmp_path, name, payload)
+    assert scrape(tmp_path)["vllm_adaptive:spec_specdec_threshold{}"] == pytest.approx(0.75)

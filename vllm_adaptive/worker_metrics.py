@@ -1,0 +1,245 @@
+"""Worker-side figures on the API server's `/metrics`: one snapshot file per worker process.
+
+The adaptive proposer runs in a worker process (inside the engine core on one device), while
+`/metrics` is served by the API server, another process. vLLM's own channel from the engine to
+the frontend carries vLLM's fixed set of scheduler statistics, so the plugin uses its own:
+
+- the API server (`serve_worker_metrics`, called when `vllm serve --plugin adaptive` turns the
+  plugin on) makes a private temporary folder, names it in the environment variable
+  `VLLM_ADAPTIVE_WORKER_METRICS_DIR` before vLLM starts the engine (its processes inherit it),
+  and adds a collector to prometheus_client's default registry, the one vLLM serves;
+- each worker component that has figures (`SnapshotPublisher`) writes a JSON snapshot of its
+  cumulative counters to `<folder>/<kind>-<pid>.json` from a daemon thread, at most every
+  `FLUSH_SECONDS` and only after a change (write to a temporary name, then rename: a reader
+  never sees half a file);
+- at each scrape the collector reads every snapshot and turns the sums into metric families
+  (`speculative_families`). Counters are cumulative per worker, so summing workers is right.
+
+Without the variable (offline `LLM`, or a server without the plugin) nothing is written; the same
+figures are then available through `vllm_adaptive.introspection`.
+
+Known limit: with `--api-server-count` > 1 vLLM serves `/metrics` from prometheus_client's
+multiprocess registry, which does not include this collector.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV_DIR = "VLLM_ADAPTIVE_WORKER_METRICS_DIR"
+FLUSH_SECONDS = 0.5
+SPECULATIVE = "speculative"
+
+_lock = threading.Lock()
+_served_dir: Path | None = None
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+
+class SnapshotPublisher:
+    """Writes `snapshot()` to `<directory>/<kind>-<pid>.json` whenever `touch()` was called since
+    the last write, checking every FLUSH_SECONDS on a daemon thread (never on the engine's)."""
+
+    def __init__(self, kind: str, snapshot: Callable[[], dict[str, Any]], directory: Path,
+                 interval: float = FLUSH_SECONDS) -> None:
+        self.path = directory / f"{kind}-{os.getpid()}.json"
+        self._snapshot = snapshot
+        self._interval = interval
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._failure_logged = False
+        self._thread = threading.Thread(target=self._run, name=f"vllm-adaptive-{kind}-metrics", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_environment(cls, kind: str, snapshot: Callable[[], dict[str, Any]]) -> SnapshotPublisher | None:
+        """A publisher into the folder the API server named, or None when there is none."""
+        directory = os.environ.get(ENV_DIR)
+        if not directory or not Path(directory).is_dir():
+            return None
+        return cls(kind, snapshot, Path(directory))
+
+    def touch(self) -> None:
+        """The figures changed: write them at the next flush."""
+        self._dirty.set()
+
+    def flush(self) -> None:
+        """Write the snapshot now (errors are logged once, never raised)."""
+        self._dirty.clear()
+        try:
+            payload = json.dumps(self._snapshot())
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(payload)
+            os.replace(tmp, self.path)
+        except Exception:
+            if not self._failure_logged:
+                logger.exception("vllm-adaptive: could not write worker metrics to %s", self.path)
+                self._failure_logged = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self._interval)
+        if self._dirty.is_set():
+            self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._dirty.is_set():
+                self.flush()
+
+
+# --- API server side ---------------------------------------------------------------------------
+
+
+def read_snapshots(directory: Path, kind: str) -> list[dict[str, Any]]:
+    """Every readable `<kind>-*.json` snapshot in `directory` (unreadable ones are skipped)."""
+    snapshots = []
+    for path in sorted(directory.glob(f"{kind}-*.json")):
+        try:
+            snapshots.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return snapshots
+
+
+def _sum_lists(lists: Iterable[list[int]]) -> list[int]:
+    total: list[int] = []
+    for values in lists:
+        if len(values) > len(total):
+            total += [0] * (len(values) - len(total))
+        for i, value in enumerate(values):
+            total[i] += int(value)
+    return total
+
+
+def speculative_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
+    """Prometheus metric families for the adaptive proposers' snapshots (summed over workers)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    if not snapshots:
+        return
+    counters = [s["counters"] for s in snapshots]
+
+    def total(name: str) -> int:
+        return sum(int(c.get(name, 0)) for c in counters)
+
+    lengths = _sum_lists(c.get("length_histogram", []) for c in counters)
+    cumulative, buckets = 0, []
+    for length, rows in enumerate(lengths):
+        cumulative += rows
+        buckets.append((str(float(length)), cumulative))
+    buckets.append(("+Inf", cumulative))
+    yield HistogramMetricFamily(
+        "vllm_adaptive:spec_draft_length",
+        "Draft tokens proposed per request per engine step by adaptive drafting (0: the stop rule "
+        "or the controller left the request undrafted that step).",
+        buckets=buckets, sum_value=total("draft_tokens"),
+    )
+    simple = (
+        ("spec_draft_tokens", "draft_tokens", "Draft tokens proposed by adaptive drafting."),
+        ("spec_verified_draft_tokens", "verified_tokens",
+         "Draft tokens whose verification by the target was observed."),
+        ("spec_accepted_draft_tokens", "accepted_tokens",
+         "Verified draft tokens the target accepted; acceptance rate = this / "
+         "spec_verified_draft_tokens."),
+        ("spec_draft_passes", "draft_passes", "Draft-model forward passes run by adaptive drafting."),
+        ("spec_failures", "failures",
+         "Engine steps where adaptive drafting failed internally and fell back to vLLM's fixed K."),
+    )
+    for name, key, documentation in simple:
+        family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
+        family.add_metric([], total(key))
+        yield family
+    verified = total("verified_tokens")
+    rate = GaugeMetricFamily(
+        "vllm_adaptive:spec_acceptance_rate",
+        "Accepted / verified draft tokens since the engine started (NaN before any verification).",
+    )
+    rate.add_metric([], total("accepted_tokens") / verified if verified else float("nan"))
+    yield rate
+
+    ends = CounterMetricFamily(
+        "vllm_adaptive:spec_draft_ends",
+        "Request drafts by how they ended: 'stop_rule' (the rule fired before the cap), 'cap' "
+        "(the draft reached the step's cap K).",
+        labels=["reason", "stop_rule"],
+    )
+    by_rule: dict[str, tuple[int, int]] = {}
+    for snapshot, c in zip(snapshots, counters):
+        rule = str(snapshot.get("stop_rule", "unknown"))
+        fired, capped = by_rule.get(rule, (0, 0))
+        by_rule[rule] = (fired + int(c.get("rule_stops", 0)), capped + int(c.get("cap_reached", 0)))
+    for rule, (fired, capped) in sorted(by_rule.items()):
+        ends.add_metric(["stop_rule", rule], fired)
+        ends.add_metric(["cap", rule], capped)
+    yield ends
+
+    caps = _sum_lists(c.get("cap_histogram", []) for c in counters)
+    decisions = CounterMetricFamily(
+        "vllm_adaptive:spec_controller_decisions",
+        "Engine steps by the draft-length cap K in force (the goodput controller's decision, or "
+        "max_draft_tokens when the controller is off); k='0' means speculation was off that step.",
+        labels=["k"],
+    )
+    for k, steps in enumerate(caps):
+        decisions.add_metric([str(k)], steps)
+    yield decisions
+    current = [s.get("controller_k") for s in snapshots if s.get("controller_k") is not None]
+    if current:
+        cap = GaugeMetricFamily(
+            "vllm_adaptive:spec_controller_cap",
+            "The goodput controller's current draft-length cap K (largest over workers).",
+        )
+        cap.add_metric([], max(int(k) for k in current))
+        yield cap
+    thresholds = [float(s["specdec_threshold"]) for s in snapshots if s.get("specdec_threshold") is not None]
+    if thresholds:
+        theta = GaugeMetricFamily(
+            "vllm_adaptive:spec_specdec_threshold",
+            "The SpecDec++ stop rule's current threshold (1 - the draft cost ratio when "
+            "specdec_threshold is 'auto'; smallest over workers).",
+        )
+        theta.add_metric([], min(thresholds))
+        yield theta
+
+
+class WorkerMetricsCollector:
+    """A prometheus_client collector over the snapshot folder (reads it at every scrape)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            yield from speculative_families(read_snapshots(self.directory, SPECULATIVE))
+        except Exception:
+            logger.exception("vllm-adaptive: could not read worker metrics from %s", self.directory)
+
+
+def serve_worker_metrics() -> Path:
+    """In the API server, before the engine starts: make the snapshot folder, name it in the
+    environment for the engine's processes, and register the collector (once per process)."""
+    global _served_dir
+    with _lock:
+        if _served_dir is not None:
+            return _served_dir
+        from prometheus_client import REGISTRY
+
+        directory = Path(tempfile.mkdtemp(prefix="vllm-adaptive-metrics-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ[ENV_DIR] = str(directory)
+        REGISTRY.register(WorkerMetricsCollector(directory))  # type: ignore[arg-type]
+        _served_dir = directory
+        return directory
