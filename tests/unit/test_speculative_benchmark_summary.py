@@ -1,6 +1,7 @@
 """benchmarks/speculative.py: the table's figures from engine runs (synthetic runs, no engine).
 
-The same script runs on the tiny models through real engines in tests/engine/test_speculative_benchmark.py.
+The same script runs on the tiny models through real engines in tests/engine/test_speculative_benchmark.py
+(module names differ: pytest imports test modules by basename).
 """
 
 from __future__ import annotations
