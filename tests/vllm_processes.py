@@ -49,7 +49,7 @@ def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tin
         *vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", name, "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
         "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
-        "--logprobs-mode", str(ENGINE_ARGS["logprobs_mode"]), *extra_args,
+        "--logprobs-mode", str(ENGINE_ARGS["logprobs_mode"]), "--dtype", str(ENGINE_ARGS["dtype"]), *extra_args,
     ]
     handle = log.open("w")
     process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
