@@ -27,7 +27,7 @@ CONFIG = {"sampling": {"mirostat_tau": 3.25, "mirostat_eta": 0.15}}
 # A KV cache of 16 blocks (128 tokens each): a max-length request fits, a batch of long ones
 # does not, so the scheduler preempts. Stats on, to read vLLM's preemption counter; full-vocab
 # logprobs, to read whole final distributions.
-KV_CACHE_BYTES = 1 << 20
+KV_CACHE_BYTES = 2 << 20  # float32 KV (reference.ENGINE_ARGS): 16 blocks of 128 tokens
 ENGINE = {**ENGINE_ARGS, "kv_cache_memory_bytes": KV_CACHE_BYTES, "disable_log_stats": False,
           "max_logprobs": -1}
 
