@@ -60,7 +60,7 @@ from benchmarks.tasks.mixture import EVAL_SEED, eval_examples
 
 DEFAULT_TASKS = ("arith", "text")
 DEFAULT_KS = tuple(range(1, 9))
-MAX_TOKENS = {"arith": 128, "recall": 24, "text": 64}
+MAX_TOKENS = {"arith": 128, "recall": 8, "text": 64}
 KV_CACHE_BYTES = 1 << 30
 MAX_MODEL_LEN = 2048
 ENGINE_SEED = 0

@@ -15,7 +15,7 @@ import json
 
 from benchmarks.models.llama import LlamaShape
 
-VOCAB_SIZE = 1024
+VOCAB_SIZE = 1536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +32,24 @@ class Phase:
     # Recall queries per haystack: documents with one haystack and different queried keys share
     # its compute (train.recall_siblings, train.Unit); 1 = one query per haystack, as generated.
     recall_queries: int = 1
+    # Filler sentences between recall pairs (as in evaluation); False packs pairs only, so a
+    # short haystack holds many lookups (the lookup's pre-training).
+    recall_filler: bool = True
     # Model depth in this phase (0: the final depth). A deeper phase grows the model by block
     # expansion (llama.expand_depth), so depth must grow by whole multiples.
     layers: int = 0
+    # A constant learning rate for this phase (after a linear warm-up of the config's
+    # warmup_steps), outside the schedule the other phases share. None: the shared schedule.
+    lr: float | None = None
+    # > 0: this phase trains on copy documents only (random token sequences of this length,
+    # each followed by its repeat; train.copy_units): the induction warm-up.
+    copy_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.rows < 1:
             raise ValueError(f"steps and rows must be >= 1, got {self.steps}, {self.rows}")
+        if self.copy_tokens < 0 or 2 * self.copy_tokens > self.seq_len:
+            raise ValueError(f"copy documents of 2 x {self.copy_tokens} tokens do not fit rows of {self.seq_len}")
         if self.recall_tokens[1] + 32 > self.seq_len:
             raise ValueError(f"recall prompts up to {self.recall_tokens[1]} tokens do not fit rows of {self.seq_len}")
 
@@ -82,6 +93,11 @@ class TrainingConfig:
         return sum(p.steps for p in self.phases)
 
     @property
+    def scheduled_steps(self) -> int:
+        """Steps on the shared warm-up + cosine schedule (phases without their own lr)."""
+        return sum(p.steps for p in self.phases if p.lr is None)
+
+    @property
     def tokens(self) -> int:
         return sum(p.steps * p.rows * p.seq_len for p in self.phases)
 
@@ -92,8 +108,9 @@ class TrainingConfig:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-_SHORT_RECALL = (20, 200)  # recall haystacks of 2-27 pairs: where the lookup is learnt at all
+_SHORT_RECALL = (20, 200)  # recall haystacks of 20-200 tokens
 _LONG_RECALL = (200, 900)
+_RECALL_ONLY = (("recall", 1.0),)
 
 DRAFT = TrainingConfig(
     name="adaptive-draft",
@@ -106,19 +123,31 @@ DRAFT = TrainingConfig(
     ),
 )
 
-# The target learns at 4 layers (fast to train), then grows to 40 by block expansion
-# (llama.expand_depth: each block followed by 9 zero-output copies of itself, so the function
-# is unchanged) and trains briefly at full depth. 40 layers make it >= 4x slower than the draft
-# in vLLM's CPU engine at batch 1, where cost is per step and per layer (sizing.py).
+# The target first learns the recall lookup at 2 layers, where it is cheap:
+#   1. copy documents (random token ids, then the same ids again) form an induction head in
+#      about 200 steps; recall alone, whose answer is one induction match, would sit for
+#      thousands of steps at "some value from the context" (docs/models_and_tasks.md);
+#   2. recall alone, on haystacks of pair lines only with 8 queries each (many lookups per token);
+#   3. recall alone on haystacks with filler sentences, up to the evaluation's 1500 tokens.
+# These use lr 1e-3 (the lookup is not learnt at 3e-3). Then the model grows to 4 layers for
+# the task mixture (arith is learnt here), and to 40 by block expansion (llama.expand_depth:
+# each block followed by 9 zero-output copies of itself, so the function is unchanged) for a
+# short stretch at full depth. 40 layers make it >= 4x slower than the draft in vLLM's CPU
+# engine at batch 1, where cost is per step and per layer (sizing.py).
 TARGET = TrainingConfig(
     name="adaptive-target",
-    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=40, num_heads=4, num_kv_heads=2,
-                     intermediate_size=384),
+    shape=LlamaShape(vocab_size=VOCAB_SIZE, hidden_size=128, num_layers=40, num_heads=4, num_kv_heads=4,
+                     intermediate_size=384, tie_word_embeddings=True),
     weights=(("arith", 0.7), ("recall", 0.1), ("text", 0.2)),
     phases=(
-        Phase(steps=600, seq_len=512, rows=16, recall_tokens=_SHORT_RECALL, recall_queries=4, layers=4),
-        Phase(steps=200, seq_len=1024, rows=8, recall_tokens=_LONG_RECALL, recall_queries=4, layers=4),
-        Phase(steps=40, seq_len=1024, rows=4, recall_tokens=_LONG_RECALL, recall_queries=4),
+        Phase(steps=300, seq_len=512, rows=8, recall_tokens=(23, 35), copy_tokens=32, lr=1e-3, layers=2),
+        Phase(steps=300, seq_len=512, rows=8, recall_tokens=(23, 35), recall_queries=8, recall_filler=False,
+              lr=1e-3, layers=2, weights=_RECALL_ONLY),
+        Phase(steps=200, seq_len=2048, rows=2, recall_tokens=(100, 1600), recall_queries=16, lr=1e-3, layers=2,
+              weights=_RECALL_ONLY),
+        Phase(steps=600, seq_len=512, rows=16, recall_tokens=(100, 450), recall_queries=16, layers=4),
+        Phase(steps=200, seq_len=2048, rows=4, recall_tokens=(400, 1600), recall_queries=16, layers=4),
+        Phase(steps=40, seq_len=2048, rows=2, recall_tokens=(400, 1600), recall_queries=16),
     ),
 )
 

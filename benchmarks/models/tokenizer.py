@@ -70,11 +70,17 @@ def corpus_lines(seed: int = 1234, n_documents: int = CORPUS_DOCUMENTS) -> list[
     return documents + chats + general
 
 
+# GPT-2's split into letters, numbers, other symbols and whitespace, with one addition ahead of
+# it: a lowercase word directly followed by `=` stays one piece (a recall key, `mip=`).
+_PIECES = r"[a-z]+=| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
 def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(" "), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
 

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from pathlib import Path
 from benchmarks.models.pair import CONFIGS, Phase, TrainingConfig
 from benchmarks.models.tiny import cache_root
 
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2
 PACKING_WINDOW = 16  # open rows a document may be placed into (first fit)
 
 
@@ -117,7 +116,7 @@ def ensure_trained(config: TrainingConfig, *, force: bool = False, log: Callable
 
 # --- data ------------------------------------------------------------------------------------
 
-TASK_ORDER = ("arith", "recall", "text")  # task ids in PackedRows.tasks
+TASK_ORDER = ("arith", "recall", "text", "copy")  # task ids in PackedRows.tasks
 
 
 @dataclasses.dataclass
@@ -153,6 +152,20 @@ class Unit:
         return len(self.inputs)
 
 
+_SHORT_TEXTS: dict[tuple[int, str], list[int]] = {}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, no specials. One `encode` call per text (`encode_batch` costs about
+    1 ms per call in thread start-up); short texts (recall queries and values) are memoised."""
+    if len(text) > 32:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    key = (id(tokenizer), text)
+    if key not in _SHORT_TEXTS:
+        _SHORT_TEXTS[key] = tokenizer.encode(text, add_special_tokens=False).ids
+    return list(_SHORT_TEXTS[key])
+
+
 def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, float]) -> list[tuple[list[int], list[float], int]]:
     """`[BOS] prompt completion [EOS]` token ids, the loss weight of predicting each token
     after the first, and the task id. Prompt and completion are tokenized apart, as in
@@ -160,12 +173,19 @@ def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, flo
     from benchmarks.models.tokenizer import BOS, EOS
 
     bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    prompts = tokenizer.encode_batch([e.prompt for e in examples], add_special_tokens=False)
-    completions = tokenizer.encode_batch([e.completion for e in examples], add_special_tokens=False)
+    # Documents that share a haystack (recall queries) share its tokens: tokenize it once. Text
+    # cut after a newline that a non-space follows tokenizes the same apart and together.
+    shared = os.path.commonprefix([e.prompt for e in examples]) if len(examples) > 1 else ""
+    shared = shared[:shared.rfind("\n") + 1]
+    while shared and examples[0].prompt[len(shared):][:1].isspace():
+        shared = shared[:shared[:-1].rfind("\n") + 1]
+    head = _encode(tokenizer, shared) if shared else []
     documents = []
-    for example, prompt, completion in zip(examples, prompts, completions):
-        ids = [bos, *prompt.ids, *completion.ids, eos]
-        weights = [prompt_weight.get(example.task, 0.0)] * len(prompt.ids) + [1.0] * (len(completion.ids) + 1)
+    for example in examples:
+        prompt_ids = head + _encode(tokenizer, example.prompt[len(shared):])
+        completion_ids = _encode(tokenizer, example.completion)
+        ids = [bos, *prompt_ids, *completion_ids, eos]
+        weights = [prompt_weight.get(example.task, 0.0)] * len(prompt_ids) + [1.0] * (len(completion_ids) + 1)
         documents.append((ids, weights, TASK_ORDER.index(example.task)))
     return documents
 
@@ -241,27 +261,19 @@ def pack(units: Sequence[Unit], seq_len: int, rows: int, pad_id: int) -> PackedR
     return PackedRows(inputs, targets, weights, positions, documents, branches, tasks)
 
 
-_PAIR = re.compile(r"^(\S+)=(\S+)$", re.MULTILINE)
-
-
 def recall_siblings(example, count: int) -> list:
     """Up to `count` more recall examples with `example`'s haystack and other queried keys
     (deterministic; training split only). Several queries per haystack give the lookup
-    several supervised answers for one haystack's compute. Empty if the format does not parse."""
+    several supervised answers for one haystack's compute."""
     from benchmarks.tasks import recall
-    from benchmarks.tasks.example import Example, split_of
+    from benchmarks.tasks.example import split_of
 
-    head, _, query_line = example.prompt.rstrip("\n").rpartition("\n")
-    key = query_line.rpartition(" ")[2]
-    pairs = [p for p in _PAIR.findall(head) if p[0] != key]
-    if not key or example.answer not in example.completion:
-        return []
+    queried = example.prompt.rpartition("query: ")[2].rstrip("=")
+    keys = [key for key, _ in recall.pairs_of(recall.haystack_of(example)) if key != queried]
     siblings = []
-    for other, value in random.Random(example.prompt).sample(pairs, len(pairs)):
-        prompt = f"{head}\n{query_line[:-len(key)]}{other}\n"
-        completion = example.completion.replace(key, other).replace(example.answer, value)
-        sibling = Example(example.task, prompt, value, completion)
-        if split_of(sibling.task, sibling.prompt) != "train" or not recall.is_correct(sibling, completion):
+    for key in random.Random(example.prompt).sample(keys, len(keys)):
+        sibling = recall.query(example, key)
+        if split_of(sibling.task, sibling.prompt) != "train":
             continue
         siblings.append(sibling)
         if len(siblings) == count:
@@ -275,11 +287,30 @@ def phase_units(config: TrainingConfig, index: int, phase: Phase, tokenizer, n: 
     weights = dict(phase.weights or config.weights)
     prompt_weight = dict(config.prompt_loss_weight)
     units = []
-    for example in training_examples(config.seed * 1000 + index, n, weights, recall_tokens=phase.recall_tokens):
+    for example in training_examples(config.seed * 1000 + index, n, weights, recall_tokens=phase.recall_tokens,
+                                     recall_filler=phase.recall_filler):
         group = [example]
         if example.task == "recall" and phase.recall_queries > 1:
             group += recall_siblings(example, phase.recall_queries - 1)
         units.append(make_unit(encode_documents(tokenizer, group, prompt_weight)))
+    return units
+
+
+def copy_units(config: TrainingConfig, index: int, phase: Phase, vocab_size: int, n: int) -> list[Unit]:
+    """n copy documents: BOS, `phase.copy_tokens` random token ids, the same ids again; loss on
+    the repeat only. Every repeated token is predicted by finding the previous copy of the
+    current token and reading the token after it, so these documents train an induction head,
+    the circuit behind the recall lookup, with a dense signal: a 2-layer model has it after
+    about 200 steps (docs/models_and_tasks.md). Ids exclude the specials (0-2)."""
+    rng = random.Random(f"vllm-adaptive/copy/{config.seed}/{index}")
+    length = phase.copy_tokens
+    units = []
+    for _ in range(n):
+        tokens = [rng.randrange(3, vocab_size) for _ in range(length)]
+        ids = [1, *tokens, *tokens]
+        weights = (0.0,) * length + (1.0,) * length
+        units.append(Unit(tuple(ids[:-1]), tuple(ids[1:]), weights, tuple(range(2 * length)), (0,) * (2 * length),
+                          TASK_ORDER.index("copy")))
     return units
 
 
@@ -288,9 +319,15 @@ def phase_rows(config: TrainingConfig, index: int, phase: Phase, tokenizer) -> P
     from benchmarks.models.tokenizer import PAD
 
     rows = phase.steps * phase.rows
+    if phase.copy_tokens:
+        n = rows * (phase.seq_len // (2 * phase.copy_tokens))
+        packed = pack(copy_units(config, index, phase, tokenizer.get_vocab_size(), n), phase.seq_len, rows,
+                      tokenizer.token_to_id(PAD))
+        assert packed is not None
+        return packed
     weights = dict(phase.weights or config.weights)
     total = sum(weights.values())
-    mean_recall = sum(phase.recall_tokens) / 2 + 20 * phase.recall_queries
+    mean_recall = sum(phase.recall_tokens) / 2 + 8 * phase.recall_queries
     mean_unit = sum(w / total * (mean_recall if t == "recall" else 90) for t, w in weights.items())
     n = int(rows * phase.seq_len / mean_unit * 1.2) + 16
     while True:
@@ -315,14 +352,19 @@ def attention_mask(documents: "torch.Tensor", branches: "torch.Tensor | None" = 
 
 # --- training --------------------------------------------------------------------------------
 
-def learning_rate(config: TrainingConfig, step: int, since_growth: int | None = None) -> float:
-    """Linear warmup, cosine decay to min_lr_ratio; after a depth growth, a short re-warmup
-    (the new blocks' optimizer state starts empty)."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    rate = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+def learning_rate(config: TrainingConfig, step: int, since_growth: int | None = None,
+                  phase: Phase | None = None, phase_step: int = 0) -> float:
+    """Linear warmup, cosine decay to min_lr_ratio over the scheduled steps (`step` counts only
+    those); a phase with its own lr holds it after a warmup of its own. After a depth growth, a
+    short re-warmup (the new blocks' optimizer state starts empty)."""
+    if phase is not None and phase.lr is not None:
+        rate = phase.lr * min(1.0, (phase_step + 1) / config.warmup_steps)
+    elif step < config.warmup_steps:
+        rate = config.lr * (step + 1) / config.warmup_steps
+    else:
+        progress = (step - config.warmup_steps) / max(1, config.scheduled_steps - config.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        rate = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
     rewarm = max(1, config.warmup_steps // 2)
     if since_growth is not None and since_growth < rewarm:
         rate *= (since_growth + 1) / rewarm
@@ -420,7 +462,7 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
     grown_at = None
     history: list[dict] = []
     progress = Progress(config.steps, config.name, log)
-    step, smoothed = 0, {}
+    step, scheduled, smoothed = 0, 0, {}
     start = time.perf_counter()
     tokens_seen = 0
     try:
@@ -433,7 +475,7 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
             for phase_step in range(phase.steps):
                 since_growth = None if grown_at is None else step - grown_at
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, step, since_growth)
+                    group["lr"] = learning_rate(config, scheduled, since_growth, phase, phase_step)
                 rows = slice(phase_step * phase.rows, (phase_step + 1) * phase.rows)
                 batch = PackedRows(*(getattr(data, f.name)[rows] for f in dataclasses.fields(PackedRows)))
                 loss, per_task = loss_on(model, batch, config)
@@ -450,6 +492,7 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
                 history.append({"step": step, "phase": index, "loss": round(value, 5), "seconds": round(elapsed, 2),
                                 **{task: round(v, 4) for task, v in per_task.items()}})
                 step += 1
+                scheduled += phase.lr is None
     finally:
         progress.close()
     return model, history
@@ -487,7 +530,7 @@ def quick_check(path: Path, tasks: Sequence[str], n: int, max_tokens: dict[str, 
 
     from benchmarks.tasks.mixture import eval_examples, task_module
 
-    limits = {"arith": 128, "recall": 24, "text": 64} | (max_tokens or {})
+    limits = {"arith": 128, "recall": 8, "text": 64} | (max_tokens or {})
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()

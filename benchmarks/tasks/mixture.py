@@ -75,17 +75,17 @@ def eval_examples(task: str, seed: int = EVAL_SEED, n: int = 100) -> list[Exampl
     return [next(stream) for _ in range(n)]
 
 
-def _recall_generator(recall_tokens: int | tuple[int, int] | None) -> Callable[[random.Random], Example]:
+def _recall_generator(recall_tokens: int | tuple[int, int] | None, filler: bool = True) -> Callable[[random.Random], Example]:
     if recall_tokens is None:
-        return recall.generate
+        return lambda rng: recall.generate(rng, filler=filler)
     low, high = (recall_tokens, recall_tokens) if isinstance(recall_tokens, int) else recall_tokens
     if low > high:
         raise ValueError(f"recall_tokens range must be (low, high) with low <= high, got {recall_tokens}")
     for end in (low, high):
-        recall.pairs_for_tokens(end)  # raises for lengths no recall prompt can have
+        recall.generate(random.Random(0), prompt_tokens=end)  # raises for lengths no recall prompt can have
 
     def generate(rng: random.Random) -> Example:
-        return recall.generate(rng, n_pairs=recall.pairs_for_tokens(rng.randint(low, high)))
+        return recall.generate(rng, prompt_tokens=rng.randint(low, high), filler=filler)
 
     return generate
 
@@ -96,6 +96,7 @@ def training_examples(
     weights: dict[str, float] | None = None,
     *,
     recall_tokens: int | tuple[int, int] | None = None,
+    recall_filler: bool = True,
     arith_spec: arith.ArithSpec | None = None,
 ) -> list[Example]:
     """n training examples, tasks drawn per document with probabilities `weights`."""
@@ -108,7 +109,7 @@ def training_examples(
     if not tasks:
         raise ValueError(f"weights must give some task a positive weight, got {weights}")
     generators: dict[str, Callable[[random.Random], Example] | None] = {
-        "recall": _recall_generator(recall_tokens),
+        "recall": _recall_generator(recall_tokens, recall_filler),
         "arith": (lambda rng: arith.generate(rng, arith_spec)) if arith_spec else None,
     }
     streams = {t: iter_examples(t, "train", seed, generators.get(t)) for t in tasks}

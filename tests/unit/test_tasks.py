@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from benchmarks.models.pair import VOCAB_SIZE as PAIR_VOCAB_SIZE
 from benchmarks.models.tokenizer import BOS, EOS, PAD, train_tokenizer
 from benchmarks.tasks import arith, recall, text
 from benchmarks.tasks.example import EVAL_BUCKETS, split_of
@@ -19,7 +20,7 @@ from benchmarks.tasks.mixture import (
     EVAL_SEED, TASKS, TRAIN_SEED, eval_examples, training_examples, training_texts,
 )
 
-VOCAB_SIZE = 1024  # the smallest vocabulary the project's models use (tiny-llama)
+VOCAB_SIZE = PAIR_VOCAB_SIZE  # the trained pair's vocabulary, which the task formats are made for
 
 
 @pytest.fixture(scope="module")
@@ -100,43 +101,66 @@ def test_arith_extract_answer_reads_the_first_answer_line() -> None:
 def test_recall_answer_is_the_value_of_the_queried_key() -> None:
     rng = random.Random(5)
     for _ in range(50):
-        example = recall.generate(rng, n_pairs=rng.randint(1, 80))
-        *pair_lines, query_line = example.prompt.rstrip("\n").split("\n")
-        pairs = [line.split("=") for line in pair_lines]
+        filler = rng.random() < 0.5
+        example = recall.generate(rng, prompt_tokens=rng.randint(recall.MIN_PROMPT_TOKENS, 1500 if filler else 900),
+                                  filler=filler)
+        *lines, query_line = example.prompt.split("\n")
+        pairs = [line.split("=") for line in lines if "=" in line]
+        fillers = [line for line in lines if "=" not in line]
         keys = [k for k, _ in pairs]
-        assert len(set(keys)) == len(keys)
-        key = re.fullmatch(r"query: ([a-z]+)", query_line).group(1)
+        assert pairs and len(set(keys)) == len(keys)
+        assert all(k in recall.KEYS and v in recall.VALUES for k, v in pairs)
+        assert all(text.is_grammatical(line) for line in fillers)
+        key = re.fullmatch(r"query: ([a-z]+)=", query_line).group(1)
         assert example.answer == dict(pairs)[key]
-        assert re.fullmatch(r"\d{4}", example.answer)
-        assert example.completion == f"{key}={example.answer}\nanswer: {example.answer}"
+        assert example.completion == f"{example.answer}\n"
         assert recall.extract_answer(example.completion) == example.answer
         assert recall.is_correct(example, example.completion)
+        assert recall.is_correct(example, f" {example.answer}\nanything after the first line")
 
 
-def test_recall_keeps_leading_zeros_in_answers() -> None:
-    example = recall.generate(random.Random(0), n_pairs=3)
-    assert not recall.is_correct(dataclasses.replace(example, answer="0042"), "answer: 42")
-    assert recall.extract_answer("x=0042\nanswer: 0042") == "0042"
+def test_recall_queried_pair_depth_is_uniform() -> None:
+    rng = random.Random(9)
+    depths = []
+    for _ in range(400):
+        example = recall.generate(rng, prompt_tokens=400)
+        keys = [k for k, _ in recall.pairs_of(example.prompt)]
+        depths.append(keys.index(example.prompt.rpartition("query: ")[2][:-1]) / len(keys))
+    assert 0.4 < sum(depths) / len(depths) < 0.6
+    assert min(depths) < 0.05 and max(depths) > 0.9
 
 
-def test_recall_refuses_more_pairs_than_keys() -> None:
-    with pytest.raises(ValueError, match="n_pairs must be in"):
-        recall.generate(random.Random(0), n_pairs=len(recall.KEYS) + 1)
-    with pytest.raises(ValueError, match="needs .* pairs; allowed"):
-        recall.pairs_for_tokens(10_000)
+def test_recall_query_asks_another_key_of_the_same_haystack() -> None:
+    example = recall.generate(random.Random(2), prompt_tokens=300)
+    pairs = recall.pairs_of(example.prompt)
+    other = recall.query(example, pairs[0][0])
+    assert recall.haystack_of(other) == recall.haystack_of(example)
+    assert other.answer == pairs[0][1] and other.prompt.endswith(f"query: {pairs[0][0]}=")
+    with pytest.raises(ValueError, match="not in the haystack"):
+        recall.query(example, "zzz")
+
+
+def test_recall_refuses_lengths_it_cannot_make() -> None:
+    with pytest.raises(ValueError, match="prompt_tokens must be in"):
+        recall.generate(random.Random(0), prompt_tokens=recall.MIN_PROMPT_TOKENS - 1)
+    with pytest.raises(ValueError, match="needs more than the 320 keys"):
+        recall.generate(random.Random(0), prompt_tokens=1500, filler=False)
 
 
 @pytest.mark.parametrize("target", [200, 777, 1500, 2000])
 def test_recall_prompt_reaches_the_requested_token_length(tokenizer, target: int) -> None:
-    example = recall.generate(random.Random(target), n_pairs=recall.pairs_for_tokens(target))
-    length = len(ids(tokenizer, example.prompt, special=True))  # BOS included, as vLLM sees it
-    assert target - recall.TOKENS_PER_PAIR < length <= target
+    for filler in (True, False):
+        if not filler and target > 900:
+            continue
+        example = recall.generate(random.Random(target), prompt_tokens=target, filler=filler)
+        length = len(ids(tokenizer, example.prompt, special=True))  # BOS included, as vLLM sees it
+        assert target - recall.MAX_LINE_TOKENS < length <= target
 
 
 def test_default_recall_prompt_is_about_1500_tokens(tokenizer) -> None:
-    lengths = {len(ids(tokenizer, e.prompt, special=True)) for e in eval_examples("recall", EVAL_SEED, 5)}
-    assert lengths == {1 + recall.DEFAULT_PAIRS * recall.TOKENS_PER_PAIR + 5}
-    assert 1490 <= lengths.pop() <= 1500
+    for example in eval_examples("recall", EVAL_SEED, 5):
+        assert 1500 - recall.MAX_LINE_TOKENS < len(ids(tokenizer, example.prompt, special=True)) <= 1500
+        assert len(recall.pairs_of(example.prompt)) > 80
 
 
 # ---- text --------------------------------------------------------------------------------------
@@ -205,7 +229,7 @@ def test_training_mixture_follows_weights() -> None:
 def test_training_recall_length_can_be_a_range(tokenizer) -> None:
     examples = training_examples(0, 40, {"recall": 1.0}, recall_tokens=(100, 400))
     lengths = [len(ids(tokenizer, e.prompt, special=True)) for e in examples]
-    assert 100 - recall.TOKENS_PER_PAIR < min(lengths) and max(lengths) <= 400
+    assert 100 - recall.MAX_LINE_TOKENS < min(lengths) and max(lengths) <= 400
     assert len(set(lengths)) > 5
 
 
@@ -234,11 +258,15 @@ def test_every_digit_is_one_token(tokenizer) -> None:
     assert len(ids(tokenizer, "answer: 1071")) == len(ids(tokenizer, "answer: 9")) + 3
 
 
-def test_task_words_and_keys_are_single_tokens_wherever_they_stand(tokenizer) -> None:
+def test_task_words_keys_and_values_are_single_tokens_wherever_they_stand(tokenizer) -> None:
     for key in recall.KEYS:
-        [key_id] = ids(tokenizer, key)
-        assert ids(tokenizer, f"query: {key}\n")[-2] == key_id  # in the query line
-        assert ids(tokenizer, f"x=1\n{key}=1234\n")[4] == key_id  # at the start of a pair line
+        [key_id] = ids(tokenizer, f"{key}=")
+        assert ids(tokenizer, f"query: {key}=")[-1] == key_id  # in the query line
+        first = f"{recall.KEYS[0]}={recall.VALUES[0]}\n"
+        assert ids(tokenizer, f"{first}{key}={recall.VALUES[-1]}\n")[3] == key_id  # at the start of a pair line
+    for value in recall.VALUES:
+        [value_id] = ids(tokenizer, value)
+        assert ids(tokenizer, f"{recall.KEYS[-1]}={value}\n")[1] == value_id
     for word in [w for words in text.WORDS.values() for w in words] + list(text.HEROES):
         assert len(ids(tokenizer, word)) == 1, word
 

@@ -141,8 +141,42 @@ def test_recall_siblings_share_the_haystack_and_answer_other_keys() -> None:
     for sibling in siblings:
         assert sibling.prompt.startswith(haystack) and split_of("recall", sibling.prompt) == "train"
         assert recall.is_correct(sibling, sibling.completion)
-        key = sibling.prompt.rstrip("\n").rsplit(" ", 1)[1]
+        key = sibling.prompt.rsplit(" ", 1)[1].rstrip("=")
         assert f"\n{key}={sibling.answer}\n" in "\n" + haystack
+
+
+def test_documents_sharing_a_haystack_tokenize_as_each_alone(tokenizer) -> None:
+    example = recall_example()
+    group = [example, *trainer.recall_siblings(example, 4)]
+    for (ids, weights, _), document in zip(trainer.encode_documents(tokenizer, group, {"recall": 0.0}), group):
+        alone = tokenizer.encode(document.text, add_special_tokens=False).ids
+        assert ids == [tokenizer.token_to_id("<s>"), *alone, tokenizer.token_to_id("</s>")]
+        assert weights.count(1.0) == len(tokenizer.encode(document.completion, add_special_tokens=False).ids) + 1
+
+
+def test_copy_documents_repeat_their_tokens_with_loss_on_the_repeat_only() -> None:
+    phase = Phase(steps=2, seq_len=128, rows=2, recall_tokens=(40, 90), copy_tokens=16)
+    units = trainer.copy_units(TINY, 0, phase, 1024, 10)
+    assert units == trainer.copy_units(TINY, 0, phase, 1024, 10)  # deterministic
+    assert len({u.inputs for u in units}) == 10
+    for unit in units:
+        ids = (*unit.inputs, unit.targets[-1])
+        assert ids[0] == 1 and ids[1:17] == ids[17:] and min(ids[1:]) >= 3 and max(ids) < 1024
+        assert unit.weights == (0.0,) * 16 + (1.0,) * 16 and unit.positions == tuple(range(32))
+    rows = trainer.phase_rows(TINY, 0, phase, train_tokenizer(1024))
+    assert rows.inputs.shape == (4, 128) and (rows.tasks[rows.tasks >= 0] == trainer.TASK_ORDER.index("copy")).all()
+
+
+def test_a_phase_with_its_own_lr_holds_it_outside_the_shared_schedule() -> None:
+    own = Phase(steps=10, seq_len=256, rows=1, recall_tokens=(40, 160), lr=1e-3)
+    config = TrainingConfig(**{**TINY.__dict__, "phases": (own, *TINY.phases)})
+    assert config.scheduled_steps == TINY.steps
+    assert trainer.learning_rate(config, 0, None, own, 0) == pytest.approx(1e-3 / config.warmup_steps)
+    assert trainer.learning_rate(config, 0, None, own, 7) == pytest.approx(1e-3)
+    shared = config.phases[1]
+    assert trainer.learning_rate(config, 0, None, shared, 0) == pytest.approx(config.lr / config.warmup_steps)
+    assert trainer.learning_rate(config, config.scheduled_steps, None, shared, 0) == pytest.approx(
+        config.lr * config.min_lr_ratio, rel=1e-2)
 
 
 def test_a_shared_prefix_unit_gives_each_document_its_own_loss(tokenizer) -> None:
