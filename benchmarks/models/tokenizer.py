@@ -6,10 +6,12 @@ chat template so `/v1/chat/completions` works.
 
 Pre-tokenization is chosen for the tasks (benchmarks/tasks): every digit is its own token, so
 numbers have one token per digit and arithmetic lines a fixed length; spaces are tokens of
-their own, so a word is the same token wherever it stands (`mip` at the start of a line and in
-`query: mip` alike, which is what lets a model copy a recall key). The BPE merges are learnt
-from the task generators' training stream (plus a few chat lines), so the vocabulary covers the
-tasks: every recall key and every word of the text grammar is a single token from 1024 tokens up.
+their own, so a word is the same token wherever it stands; and a lowercase word directly
+followed by `=` stays one piece, so a recall key with its `=` (`mip=`) is one token, in the pair
+line and in the query alike, which makes the recall lookup a single match. The BPE merges are
+learnt from the task generators' training stream (plus a few chat lines), so the vocabulary
+covers the tasks: from 1536 tokens up (the trained pair's vocabulary) every recall key (with
+`=`), every recall value and every word of the text grammar is a single token.
 """
 
 from __future__ import annotations
