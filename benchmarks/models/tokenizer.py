@@ -7,7 +7,7 @@ chat template so `/v1/chat/completions` works.
 Pre-tokenization is chosen for the tasks (benchmarks/tasks): every digit is its own token, so
 numbers have one token per digit and arithmetic lines a fixed length; spaces are tokens of
 their own, so a word is the same token wherever it stands; and a lowercase word directly
-followed by `=` stays one piece, so a recall key with its `=` (`mip=`) is one token, in the pair
+followed by `=` stays one piece, so a recall key with its `=` (`rod=`) is one token, in the pair
 line and in the query alike, which makes the recall lookup a single match. The BPE merges are
 learnt from the task generators' training stream (plus a few chat lines), so the vocabulary
 covers the tasks: from 1536 tokens up (the trained pair's vocabulary) every recall key (with
@@ -73,7 +73,7 @@ def corpus_lines(seed: int = 1234, n_documents: int = CORPUS_DOCUMENTS) -> list[
 
 
 # GPT-2's split into letters, numbers, other symbols and whitespace, with one addition ahead of
-# it: a lowercase word directly followed by `=` stays one piece (a recall key, `mip=`).
+# it: a lowercase word directly followed by `=` stays one piece (a recall key, `rod=`).
 _PIECES = r"[a-z]+=| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 

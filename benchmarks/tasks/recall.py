@@ -1,11 +1,11 @@
 """`recall`: find one key's value in a long context (a needle-in-a-haystack analog).
 
-    kaz=vop
+    puz=vop
     One day Mia went to the river.
-    mip=dul
+    rod=dul
     She found a red kite under a tree.
     ... (about 1500 prompt tokens by default: ~95 pairs, each followed by a filler sentence)
-    query: mip=
+    query: rod=
     dul
 
 The prompt is the haystack (pair lines, each followed by one filler sentence from the story
