@@ -152,18 +152,10 @@ class Unit:
         return len(self.inputs)
 
 
-_SHORT_TEXTS: dict[tuple[int, str], list[int]] = {}
-
-
 def _encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text`, no specials. One `encode` call per text (`encode_batch` costs about
-    1 ms per call in thread start-up); short texts (recall queries and values) are memoised."""
-    if len(text) > 32:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    key = (id(tokenizer), text)
-    if key not in _SHORT_TEXTS:
-        _SHORT_TEXTS[key] = tokenizer.encode(text, add_special_tokens=False).ids
-    return list(_SHORT_TEXTS[key])
+    """Token ids of `text`, no specials: one `encode` call (`encode_batch` costs about 1 ms per
+    call in thread start-up, more than the encoding of a document)."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def encode_documents(tokenizer, examples: Sequence, prompt_weight: dict[str, float]) -> list[tuple[list[int], list[float], int]]:
@@ -268,11 +260,12 @@ def recall_siblings(example, count: int) -> list:
     from benchmarks.tasks import recall
     from benchmarks.tasks.example import split_of
 
-    queried = example.prompt.rpartition("query: ")[2].rstrip("=")
-    keys = [key for key, _ in recall.pairs_of(recall.haystack_of(example)) if key != queried]
+    haystack = recall.haystack_of(example)
+    queried = example.prompt[len(haystack):].removeprefix("query: ").removesuffix("=")
+    pairs = [(key, value) for key, value in recall.pairs_of(haystack) if key != queried]
     siblings = []
-    for key in random.Random(example.prompt).sample(keys, len(keys)):
-        sibling = recall.query(example, key)
+    for key, value in random.Random(example.prompt).sample(pairs, len(pairs)):
+        sibling = recall.ask(haystack, key, value)
         if split_of(sibling.task, sibling.prompt) != "train":
             continue
         siblings.append(sibling)
@@ -302,12 +295,14 @@ def copy_units(config: TrainingConfig, index: int, phase: Phase, vocab_size: int
     current token and reading the token after it, so these documents train an induction head,
     the circuit behind the recall lookup, with a dense signal: a 2-layer model has it after
     about 200 steps (docs/models_and_tasks.md). Ids exclude the specials (0-2)."""
+    from benchmarks.models.tokenizer import BOS, SPECIAL_TOKENS
+
     rng = random.Random(f"vllm-adaptive/copy/{config.seed}/{index}")
     length = phase.copy_tokens
     units = []
     for _ in range(n):
-        tokens = [rng.randrange(3, vocab_size) for _ in range(length)]
-        ids = [1, *tokens, *tokens]
+        tokens = [rng.randrange(len(SPECIAL_TOKENS), vocab_size) for _ in range(length)]
+        ids = [SPECIAL_TOKENS.index(BOS), *tokens, *tokens]
         weights = (0.0,) * length + (1.0,) * length
         units.append(Unit(tuple(ids[:-1]), tuple(ids[1:]), weights, tuple(range(2 * length)), (0,) * (2 * length),
                           TASK_ORDER.index("copy")))

@@ -82,7 +82,7 @@ def _recall_generator(recall_tokens: int | tuple[int, int] | None, filler: bool 
     if low > high:
         raise ValueError(f"recall_tokens range must be (low, high) with low <= high, got {recall_tokens}")
     for end in (low, high):
-        recall.generate(random.Random(0), prompt_tokens=end)  # raises for lengths no recall prompt can have
+        recall.generate(random.Random(0), prompt_tokens=end, filler=filler)  # raises for lengths no recall prompt can have
 
     def generate(rng: random.Random) -> Example:
         return recall.generate(rng, prompt_tokens=rng.randint(low, high), filler=filler)

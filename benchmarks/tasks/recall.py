@@ -71,11 +71,10 @@ def generate(rng: random.Random, prompt_tokens: int = DEFAULT_PROMPT_TOKENS, fil
     fit, then the query. `filler=False` packs pair lines only (dense lookups, for training)."""
     if not MIN_PROMPT_TOKENS <= prompt_tokens <= 16_384:
         raise ValueError(f"prompt_tokens must be in [{MIN_PROMPT_TOKENS}, 16384], got {prompt_tokens}")
-    most = min(len(KEYS) + 1, (prompt_tokens - PROMPT_OVERHEAD_TOKENS) // PAIR_TOKENS)
-    keys = iter(rng.sample(KEYS, min(most, len(KEYS))))
+    budget = prompt_tokens - PROMPT_OVERHEAD_TOKENS
+    keys = iter(rng.sample(KEYS, min(len(KEYS), budget // PAIR_TOKENS)))
     lines: list[str] = []
     pairs: list[tuple[str, str]] = []
-    budget = prompt_tokens - PROMPT_OVERHEAD_TOKENS
     while budget >= PAIR_TOKENS:
         key = next(keys, None)
         if key is None:
@@ -92,20 +91,18 @@ def generate(rng: random.Random, prompt_tokens: int = DEFAULT_PROMPT_TOKENS, fil
         lines.append(sentence + "\n")
         budget -= sentence_tokens(sentence)
     key, value = pairs[rng.randrange(len(pairs))]
-    return query(Example(TASK, "".join(lines), value, ""), key)
+    return ask("".join(lines), key, value)
 
 
-def query(example: Example, key: str) -> Example:
-    """`example` with its haystack asking for `key` instead (for several queries on one haystack)."""
-    haystack = haystack_of(example)
-    value = dict(pairs_of(haystack)).get(key)
-    if value is None:
-        raise ValueError(f"key {key!r} is not in the haystack")
+def ask(haystack: str, key: str, value: str) -> Example:
+    """The example that asks `haystack` for `key`, whose value there is `value` (the trainer
+    asks one haystack several questions)."""
     return Example(TASK, f"{haystack}query: {key}=", value, f"{value}\n")
 
 
 def haystack_of(example: Example) -> str:
-    return example.prompt.rpartition("query: ")[0] if "query: " in example.prompt else example.prompt
+    """The prompt without its query line."""
+    return example.prompt.rpartition("query: ")[0]
 
 
 _PAIR = re.compile(r"^([a-z]+)=([a-z]+)$", re.MULTILINE)

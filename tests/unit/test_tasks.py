@@ -6,7 +6,6 @@ streams are checked disjoint; token counts are measured with the real tokenizer.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 
@@ -130,14 +129,14 @@ def test_recall_queried_pair_depth_is_uniform() -> None:
     assert min(depths) < 0.05 and max(depths) > 0.9
 
 
-def test_recall_query_asks_another_key_of_the_same_haystack() -> None:
+def test_recall_ask_puts_another_key_to_the_same_haystack() -> None:
     example = recall.generate(random.Random(2), prompt_tokens=300)
-    pairs = recall.pairs_of(example.prompt)
-    other = recall.query(example, pairs[0][0])
-    assert recall.haystack_of(other) == recall.haystack_of(example)
-    assert other.answer == pairs[0][1] and other.prompt.endswith(f"query: {pairs[0][0]}=")
-    with pytest.raises(ValueError, match="not in the haystack"):
-        recall.query(example, "zzz")
+    haystack = recall.haystack_of(example)
+    assert haystack and example.prompt == f"{haystack}query: {example.prompt.rpartition(' ')[2]}"
+    key, value = recall.pairs_of(haystack)[0]
+    other = recall.ask(haystack, key, value)
+    assert recall.haystack_of(other) == haystack and other.prompt.endswith(f"query: {key}=")
+    assert other.answer == value and recall.is_correct(other, other.completion)
 
 
 def test_recall_refuses_lengths_it_cannot_make() -> None:
