@@ -6,7 +6,8 @@ embeddings with the rotate-half convention, grouped-query attention, SwiGLU MLP,
 rather than trained through transformers for one thing transformers' forward does not do
 cheaply on CPU: packed rows of several documents in which every token attends only within its
 own document, with positions restarting at each document (as in evaluation, where every prompt
-starts at position 0).
+starts at position 0). Such rows can be given as `Spans` (each document's attention computed on
+its own, no work on masked-out pairs) or as a dense boolean mask (the reference).
 """
 
 from __future__ import annotations
@@ -70,6 +71,45 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Tokens [start, end) of a row that attend only among themselves: the shared part
+    [start, shared_end) causally, and the branch tokens [shared_end, end) as `branch_mask` says
+    (boolean [end - shared_end, end - start], True = attend; None when there are none)."""
+
+    start: int
+    shared_end: int
+    end: int
+    branch_mask: torch.Tensor | None = None
+
+
+# Per row, spans covering the row in order. Attention within a span is exactly what a dense
+# block-diagonal mask gives, at the cost of the span's own causal attention rather than t x t
+# per row: with 2048-token rows of documents of 100-1600 tokens, about a quarter of the work.
+Spans = tuple[tuple[Span, ...], ...]
+
+
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """Attention of q, k, v ([b, heads, t, head_dim], kv heads already repeated) within spans.
+    Splitting (not slicing) keeps the backward pass one concatenation per row."""
+    rows = []
+    for row, q_row, k_row, v_row in zip(spans, q.unbind(0), k.unbind(0), v.unbind(0)):
+        query_sizes = [size for s in row for size in (s.shared_end - s.start, s.end - s.shared_end) if size]
+        span_sizes = [s.end - s.start for s in row]
+        queries = iter(torch.split(q_row, query_sizes, dim=1))
+        pieces = []
+        for span, keys, values in zip(row, torch.split(k_row, span_sizes, dim=1), torch.split(v_row, span_sizes, dim=1)):
+            shared = span.shared_end - span.start
+            if shared:
+                pieces.append(F.scaled_dot_product_attention(next(queries)[None], keys[None, :, :shared],
+                                                             values[None, :, :shared], is_causal=True)[0])
+            if span.end > span.shared_end:
+                pieces.append(F.scaled_dot_product_attention(next(queries)[None], keys[None], values[None],
+                                                             attn_mask=span.branch_mask)[0])
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -85,7 +125,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(shape.num_heads * d, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | Spans | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -98,6 +138,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(mask, tuple):
+            out = span_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -122,7 +164,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | Spans | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -156,8 +198,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states. `mask` is a boolean [b, 1, t, t] (True = attend) or None for
+                      mask: torch.Tensor | Spans | None = None) -> torch.Tensor:
+        """Final-norm hidden states. `mask` is `Spans`, a boolean [b, 1, t, t] (True = attend) or None for
         plain causal attention; `position_ids` default to 0..t-1."""
         b, t = input_ids.shape
         if position_ids is None:
@@ -171,7 +213,7 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | Spans | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, position_ids, mask))
 
 

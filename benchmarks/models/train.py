@@ -15,8 +15,9 @@ stories), with the recipe in `benchmarks.models.pair`. What makes minutes of CPU
   recall are random numbers and keys), plus the text prompts;
 - a curriculum on recall length: short haystacks first, where the lookup (an induction head) is
   learnt cheaply, then full-length ones;
-- AdamW with linear warmup and cosine decay, bfloat16 autocast (faster than float32 on CPUs with
-  AVX-512 BF16), fixed seeds, a fixed thread count and deterministic algorithms.
+- attention computed per unit (`attention_spans`), not as one masked t x t product per row;
+- AdamW with linear warmup and cosine decay, fixed seeds, a fixed thread count and
+  deterministic algorithms.
 
 Results are cached under `$VLLM_ADAPTIVE_CACHE/models` (default `~/.cache/vllm-adaptive/models`)
 in a folder named after the model and a hash of everything that decides the weights: the
@@ -43,11 +44,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.models.pair import CONFIGS, Phase, TrainingConfig
 from benchmarks.models.tiny import cache_root
 
-TRAINER_VERSION = 2
+if TYPE_CHECKING:
+    import torch
+
+    from benchmarks.models.llama import Spans
+
+TRAINER_VERSION = 3  # 3: attention per unit (attention_spans)
 PACKING_WINDOW = 16  # open rows a document may be placed into (first fit)
 
 
@@ -332,9 +339,38 @@ def phase_rows(config: TrainingConfig, index: int, phase: Phase, tokenizer) -> P
         n *= 2
 
 
+def attention_spans(documents: "torch.Tensor", branches: "torch.Tensor") -> "Spans":
+    """What `attention_mask` allows, as spans (llama.Span): one per unit (and one per run of
+    padding), so attention costs each unit's own length squared rather than the row's."""
+    import torch
+
+    from benchmarks.models.llama import Span
+
+    spans = []
+    for unit_ids, branch_ids in zip(documents.tolist(), branches.tolist()):
+        row, start, t = [], 0, len(unit_ids)
+        while start < t:
+            end = start
+            while end < t and unit_ids[end] == unit_ids[start]:
+                end += 1
+            shared_end = start
+            while shared_end < end and branch_ids[shared_end] == 0:
+                shared_end += 1
+            mask = None
+            if shared_end < end:
+                keys = torch.tensor(branch_ids[start:end])
+                queries = keys[shared_end - start:, None]
+                causal = torch.arange(start, end)[None, :] <= torch.arange(shared_end, end)[:, None]
+                mask = ((keys[None, :] == 0) | (keys[None, :] == queries)) & causal
+            row.append(Span(start, shared_end, end, mask))
+            start = end
+        spans.append(tuple(row))
+    return tuple(spans)
+
+
 def attention_mask(documents: "torch.Tensor", branches: "torch.Tensor | None" = None) -> "torch.Tensor":
     """[b, 1, t, t] boolean: causal, within the same unit, and from a branch only to the unit's
-    shared part and to the same branch."""
+    shared part and to the same branch (the reference for attention_spans)."""
     import torch
 
     t = documents.shape[1]
@@ -397,7 +433,7 @@ def loss_on(model, rows: PackedRows, config: TrainingConfig) -> tuple["torch.Ten
     import torch
     import torch.nn.functional as F
 
-    mask = attention_mask(rows.documents, rows.branches)
+    mask = attention_spans(rows.documents, rows.branches)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast)
     with autocast:
         hidden = model.hidden_states(rows.inputs, rows.positions, mask)

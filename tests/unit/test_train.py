@@ -211,6 +211,34 @@ def test_arith_prompts_carry_no_loss_and_completions_do(tokenizer) -> None:
     assert trainer.TASK_ORDER[task] == "arith"
 
 
+def test_attention_by_spans_equals_the_dense_mask(tokenizer) -> None:
+    example = recall_example()
+    recall_unit = trainer.make_unit(trainer.encode_documents(
+        tokenizer, [example, *trainer.recall_siblings(example, 3)], {"recall": 0.0}))
+    arith = Example("arith", "Q: 12+7\n", "19", "0012+0007=0019\nanswer: 0019")
+    arith_unit = trainer.make_unit(trainer.encode_documents(tokenizer, [arith], {"arith": 0.0}))
+    copy_phase = Phase(steps=1, seq_len=64, rows=1, recall_tokens=(10, 20), copy_tokens=8)
+    units = [arith_unit, recall_unit, *trainer.copy_units(TINY, 0, copy_phase, 1024, 3), arith_unit]
+    rows = trainer.pack(units, seq_len=len(recall_unit) + 40, rows=2, pad_id=0)
+    assert rows is not None and (rows.documents == -1).any() and (rows.branches > 1).any()  # padding, branches
+    spans = trainer.attention_spans(rows.documents, rows.branches)
+    assert [s.end for s in spans[0]][-1] == rows.inputs.shape[1] and any(s.branch_mask is not None for r in spans for s in r)
+    torch.manual_seed(0)
+    model = Llama(TINY.shape, initializer_range=0.1)
+
+    def run(mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(rows.inputs, rows.positions, mask)
+        (logits[rows.weights > 0].logsumexp(-1).sum()).backward()
+        return logits, [p.grad.clone() for p in model.parameters()]
+
+    dense_logits, dense_grads = run(trainer.attention_mask(rows.documents, rows.branches))
+    span_logits, span_grads = run(spans)
+    torch.testing.assert_close(span_logits, dense_logits, rtol=1e-4, atol=1e-5)
+    for span_grad, dense_grad in zip(span_grads, dense_grads):
+        torch.testing.assert_close(span_grad, dense_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_stays_inside_each_document() -> None:
     mask = trainer.attention_mask(torch.tensor([[0, 0, 1, 1, -1]]), torch.zeros(1, 5, dtype=torch.long))[0, 0]
     assert mask.tolist() == [
