@@ -174,12 +174,16 @@ def test_plugin_with_adaptive_drafting_off_is_vllms_draft_model_speculation(
 
 TRAINED_K_MAX = 6
 TRAINED_MAX_TOKENS = 64
+# The trained target is 60 layers deep: at max_model_len 1024, float32, one request's KV cache
+# alone is ~64 MiB (60 layers x 4 KV heads x 32 x 2 x 4 bytes per token), so ENGINE's 64 MiB
+# leaves no room; 256 MiB holds the 8 prompts of the workload with their drafts.
+TRAINED_ENGINE = {**ENGINE, "kv_cache_memory_bytes": 256 << 20}
 SPECDEC_RULE = {"enabled": True, "max_draft_tokens": TRAINED_K_MAX, "stop_rule": "specdec"}
 
 
 @pytest.fixture(scope="module")
 def trained_pair() -> dict[str, Path]:
-    """The cached trained draft and target; never trains (that takes 20+ minutes)."""
+    """The cached trained draft and target; never trains (that takes about 14 minutes)."""
     from benchmarks.models.pair import CONFIGS
     from benchmarks.models.tokenizer import train_tokenizer
     from benchmarks.models.train import cache_key, data_fingerprint, is_complete, model_dir
@@ -192,7 +196,7 @@ def trained_pair() -> dict[str, Path]:
     missing = [str(folder) for folder in folders.values() if not is_complete(folder)]
     if missing:
         pytest.skip(f"the trained pair is not cached ({', '.join(missing)}); "
-                    "`python -m benchmarks.models.train` trains it (20+ minutes)")
+                    "`python -m benchmarks.models.train` trains it (about 14 minutes)")
     return folders
 
 
@@ -207,13 +211,14 @@ def trained_workload() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trained_no_speculation(runs: Runs, trained_pair: dict[str, Path], trained_workload: dict[str, Any]) -> dict[str, Any]:
     return runs.get("trained-none", lambda: plain_run(
-        trained_pair["target"], ENGINE, runs.folder / "trained-none.json", **trained_workload))
+        trained_pair["target"], TRAINED_ENGINE, runs.folder / "trained-none.json", **trained_workload))
 
 
 @pytest.fixture(scope="module")
 def trained_adaptive(runs: Runs, trained_pair: dict[str, Path], trained_workload: dict[str, Any]) -> dict[str, Any]:
     return runs.get("trained-adaptive", lambda: plugin_run(
         trained_pair["target"], {"speculative": SPECDEC_RULE}, trained_workload,
+        kv_cache_memory_bytes=TRAINED_ENGINE["kv_cache_memory_bytes"],
         speculative_config=speculative_config(trained_pair["draft"], TRAINED_K_MAX)))
 
 
