@@ -43,7 +43,10 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tiny") -> Server:
+def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tiny",
+                 env: dict[str, str] | None = None) -> Server:
+    """Start `vllm serve model` on a free loopback port and wait for /health; `env` is added to
+    this process's environment for the server and its engine processes."""
     port = free_port()
     cmd = [
         *vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
@@ -52,7 +55,8 @@ def start_server(model: Path, extra_args: list[str], log: Path, name: str = "tin
         "--logprobs-mode", str(ENGINE_ARGS["logprobs_mode"]), "--dtype", str(ENGINE_ARGS["dtype"]), *extra_args,
     ]
     handle = log.open("w")
-    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     server = Server(url=f"http://127.0.0.1:{port}", model=name, log=log, process=process)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
