@@ -37,6 +37,7 @@ $(SETUP_STAMP): pyproject.toml
 	$(BIN)/pip install $(PIP_ARGS) --upgrade pip
 	$(BIN)/pip install $(PIP_ARGS) -e '.[cpu,dev]'
 	$(BIN)/vllm-adaptive-repair-cpu
+	$(BIN)/python helm/install_tools.py $(BIN)
 	touch $@
 
 model: setup
