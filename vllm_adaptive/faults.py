@@ -25,6 +25,9 @@ FAULT_POINTS: dict[str, str] = {
     "spec:controller": "adaptive drafting, choosing the step's draft-length cap K",
     "spec:stop_rule": "adaptive drafting, the stop rule at a draft step",
     "spec:finish": "adaptive drafting, collecting the step's drafts and timings",
+    "sampler:update_state": "adaptive sampling, admitting a request that chose a sampler "
+    "(V1 update_state, MRV2 add_request)",
+    "sampler:apply": "adaptive sampling, a sampler's step on its requests' logits rows",
 }
 
 
