@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import yaml
 
 from vllm_adaptive.errors import ConfigError
+from vllm_adaptive.sampling.param_spec import as_number
+from vllm_adaptive.sampling.registry import PARAMS_BY_KEY
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 
 # Key under VllmConfig.additional_config that holds our validated config; its presence is
@@ -27,47 +29,34 @@ from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 ADDITIONAL_CONFIG_KEY = "adaptive"
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`).
+def _check_sampling_config(self: Any) -> None:
+    for param in PARAMS_BY_KEY.values():
+        value = getattr(self, param.default_from)
+        number = as_number(value)
+        if number is None or not param.contains(number):
+            raise ConfigError(f"{param.default_from} must be a number in {param.interval()}, got {value!r}")
 
-    Every parameter below is the deployment's default for requests that choose a sampler without
-    setting it; its range is the one requests get (vllm_adaptive.sampling.params.SAMPLERS).
-    """
 
-    # Whether requests may select an adaptive sampler at all.
-    enabled: bool = True
-    # mirostat_v1 / mirostat_v2 (llama.cpp defaults): target surprise (bits), learning rate,
-    # and (v1) how many top tokens estimate the Zipf exponent.
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    mirostat_m: float = 100.0
-    # dynatemp: temperature range around the request's temperature, and the entropy exponent.
-    dynatemp_range: float = 0.5
-    dynatemp_exponent: float = 1.0
-    # edt: T = temperature * edt_base ** (edt_theta / H).
-    edt_base: float = 0.8
-    edt_theta: float = 1.0
-    # typical: the probability mass of the most typical tokens kept.
-    typical_p: float = 0.95
-    # epsilon / eta: probability cutoffs.
-    epsilon: float = 3e-4
-    eta_cutoff: float = 3e-4
-    # top_n_sigma: keep logits within n standard deviations of the largest.
-    top_n_sigma: float = 1.0
-
-    def __post_init__(self) -> None:
-        from vllm_adaptive.sampling.param_spec import SamplerParamError
-        from vllm_adaptive.sampling.params import PARAMS_BY_KEY
-
-        for param in PARAMS_BY_KEY.values():
-            value = getattr(self, param.default_from)
-            try:
-                param.parse(value)
-            except SamplerParamError:
-                raise ConfigError(
-                    f"{param.default_from} must be a number in {param.interval()}, got {value!r}"
-                ) from None
+# Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`): `enabled` (whether
+# requests may select an adaptive sampler at all), then one float field per sampler parameter,
+# named by its request key (mirostat_tau, ..., top_n_sigma) and defaulting to the definition's
+# default: the deployment's default for requests that choose a sampler without setting it. Its
+# range is the one requests get. Generated from vllm_adaptive.sampling.registry, so a sampler's
+# parameters are declared once, in its module.
+SamplingConfig = dataclasses.make_dataclass(
+    "SamplingConfig",
+    [("enabled", bool, dataclasses.field(default=True))]
+    + [(p.key, float, dataclasses.field(default=p.default)) for p in PARAMS_BY_KEY.values()],
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": (
+            "Per-request samplers: `enabled`, and each sampler parameter's deployment default "
+            "(vllm_adaptive.sampling.registry)."
+        ),
+        "__post_init__": _check_sampling_config,
+    },
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,22 +95,60 @@ def test_from_vllm_config_reads_additional_config() -> None:
     assert AdaptiveConfig.from_vllm_config(OffVllmConfig()) is None
 
 
-def test_sampling_defaults_are_the_sampler_modules_defaults() -> None:
-    from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat_v1, top_n_sigma, typical
+def test_sampling_section_keys_and_defaults() -> None:
+    # The YAML keys under `sampling:` and their defaults, as documented (docs/samplers.md): the
+    # llama.cpp defaults for Mirostat and dynatemp's exponent, the project's for the rest.
+    assert AdaptiveConfig().to_dict()["sampling"] == {
+        "enabled": True,
+        "mirostat_tau": 5.0,
+        "mirostat_eta": 0.1,
+        "mirostat_m": 100.0,
+        "dynatemp_range": 0.5,
+        "dynatemp_exponent": 1.0,
+        "edt_base": 0.8,
+        "edt_theta": 1.0,
+        "typical_p": 0.95,
+        "epsilon": 3e-4,
+        "eta_cutoff": 3e-4,
+        "top_n_sigma": 1.0,
+    }
 
-    sampling = AdaptiveConfig().sampling
-    assert (sampling.mirostat_tau, sampling.mirostat_eta, sampling.mirostat_m) == (
-        mirostat_v1.MIROSTAT_TAU_DEFAULT, mirostat_v1.MIROSTAT_ETA_DEFAULT, mirostat_v1.MIROSTAT_M_DEFAULT
+
+def test_sampling_config_is_the_registry_parameters() -> None:
+    from vllm_adaptive.config import SamplingConfig
+    from vllm_adaptive.sampling.registry import SAMPLERS
+
+    fields = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
+    declared = {p.key: p.default for d in SAMPLERS.values() for p in d.params}
+    assert fields == {"enabled": True, **declared}
+
+
+def test_config_and_request_parser_do_not_import_each_other() -> None:
+    # Each module imported alone, in a fresh interpreter: config must not pull in the request
+    # parser (sampling.params), and the parser's modules must not pull in config.
+    script = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(sorted(m for m in sys.modules if m in sys.argv[2:]))"
     )
-    assert (sampling.dynatemp_range, sampling.dynatemp_exponent) == (
-        dynatemp.DYNATEMP_RANGE_DEFAULT, dynatemp.DYNATEMP_EXPONENT_DEFAULT
+    config = subprocess.run(
+        [sys.executable, "-c", script, "vllm_adaptive.config", "vllm_adaptive.sampling.params"],
+        capture_output=True, text=True, check=True,
     )
-    assert (sampling.edt_base, sampling.edt_theta) == (dynatemp.EDT_BASE_DEFAULT, dynatemp.EDT_THETA_DEFAULT)
-    assert sampling.typical_p == typical.TYPICAL_P_DEFAULT
-    assert (sampling.epsilon, sampling.eta_cutoff) == (
-        epsilon_eta.EPSILON_DEFAULT, epsilon_eta.ETA_CUTOFF_DEFAULT
+    assert config.stdout.strip() == "[]"
+    params = subprocess.run(
+        [sys.executable, "-c", script, "vllm_adaptive.sampling.params", "vllm_adaptive.config"],
+        capture_output=True, text=True, check=True,
     )
-    assert sampling.top_n_sigma == top_n_sigma.TOP_N_SIGMA_DEFAULT
+    assert params.stdout.strip() == "[]"
+
+
+def test_sampling_values_must_be_numbers_not_booleans() -> None:
+    from vllm_adaptive.config import SamplingConfig
+
+    with pytest.raises(ConfigError, match=r"top_n_sigma must be a number in \(0, 100\], got True"):
+        SamplingConfig(top_n_sigma=True)
+    with pytest.raises(ConfigError, match=r"sampling\.dynatemp_range must be a float, got True"):
+        AdaptiveConfig.from_dict({"sampling": {"dynatemp_range": True}})
 
 
 @pytest.mark.parametrize(

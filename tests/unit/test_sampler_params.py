@@ -23,10 +23,61 @@ def test_request_values_and_defaults() -> None:
     assert dict(filled.values) == {"mirostat_tau": 4.0, "mirostat_eta": 0.1}
 
 
-def test_numbers_sent_as_strings_are_accepted() -> None:
-    # vllm_xargs values may be strings; "3.0" is a number
-    request = parse_sampler_request({"adaptive_sampler": "mirostat_v2", "mirostat_eta": "0.25"})
-    assert request is not None and request.values["mirostat_eta"] == 0.25
+@pytest.mark.parametrize(("sent", "value"), [("0.25", 0.25), ("1e-1", 0.1), ("+.5", 0.5), ("1", 1.0)])
+def test_plain_decimal_strings_are_numbers(sent: str, value: float) -> None:
+    # vllm_xargs values may be strings; a plain decimal number spelled as one is accepted
+    request = parse_sampler_request({"adaptive_sampler": "mirostat_v2", "mirostat_eta": sent})
+    assert request is not None and request.values["mirostat_eta"] == value
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        True, False, None, [0.5], [], {"value": 0.5}, float("nan"), float("inf"), -float("inf"),
+        "true", "nan", "NaN", "inf", "-Infinity", "1e400", "", " 0.5", "0.5 ", "1_0",
+        "0x1", "\u0661", "0.5.1", "five", "1e", (0.5,),
+    ],
+    ids=repr,
+)
+def test_what_is_not_a_number_is_refused_with_key_range_and_value(sent: object) -> None:
+    for sampler, key, interval in [
+        ("top_n_sigma", "top_n_sigma", "(0, 100]"),
+        ("dynatemp", "dynatemp_range", "[0, 10]"),
+        ("mirostat_v1", "mirostat_m", "[2, 1000]"),
+    ]:
+        with pytest.raises(SamplerParamError) as e:
+            parse_sampler_request({"adaptive_sampler": sampler, key: sent})
+        assert e.value.parameter == key and e.value.value is sent
+        assert str(e.value) == f"{key} must be a number in {interval}, got {sent!r}"
+
+
+def test_huge_values_are_refused_and_shown_shortened() -> None:
+    cases = [
+        (10**400, "1" + "0" * 99 + "... (401 characters)"),
+        (10**5000, "<int too large to show>"),
+        ("9" * 10000, "'" + "9" * 99 + "... (10002 characters)"),
+    ]
+    for sent, shown in cases:
+        with pytest.raises(SamplerParamError) as e:
+            parse_sampler_request({"adaptive_sampler": "typical", "typical_p": sent})
+        assert str(e.value) == f"typical_p must be a number in (0, 1], got {shown}"
+    with pytest.raises(SamplerParamError) as e:
+        parse_sampler_request({"adaptive_sampler": "x" * 500})
+    assert str(e.value).endswith("got '" + "x" * 99 + "... (502 characters)")
+
+
+@pytest.mark.parametrize("sent", [True, None, ["typical"], {"name": "typical"}, "Typical", " typical"], ids=repr)
+def test_sampler_name_must_be_a_registered_string(sent: object) -> None:
+    with pytest.raises(SamplerParamError) as e:
+        parse_sampler_request({"adaptive_sampler": sent, "typical_p": 0.5})
+    assert e.value.parameter == "adaptive_sampler"
+    assert str(e.value).startswith("adaptive_sampler must be one of ['dynatemp', 'edt',")
+    assert str(e.value).endswith(f"got {sent!r}")
+
+
+def test_worker_defaults_come_from_the_deployment_config() -> None:
+    request = parse_sampler_request({"adaptive_sampler": "edt", "edt_theta": 2}, SamplingConfig(edt_base=0.5))
+    assert request is not None and dict(request.values) == {"edt_base": 0.5, "edt_theta": 2.0}
 
 
 @pytest.mark.parametrize(

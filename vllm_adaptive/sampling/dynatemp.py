@@ -29,30 +29,30 @@ Both are O(V) per row: `row_stats` (entropy, count) and one elementwise rescale.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
+from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
-NAME = "dynatemp"
-DYNATEMP_RANGE_DEFAULT = 0.5
-DYNATEMP_EXPONENT_DEFAULT = 1.0
-
-PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("dynatemp_range", 0.0, 10.0, "dynatemp_range"),
-    NumberParam("dynatemp_exponent", 0.0, 10.0, "dynatemp_exponent", low_open=True),
+RANGE = NumberParam(
+    "dynatemp_range", 0.0, 10.0, default=0.5,
+    meaning="temperature range around the request's temperature (0: off)",
 )
-
-EDT_NAME = "edt"
-EDT_BASE_DEFAULT = 0.8
-EDT_THETA_DEFAULT = 1.0
-
-EDT_PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("edt_base", 0.0, 1.0, "edt_base", low_open=True, high_open=True),
-    NumberParam("edt_theta", 0.0, 10.0, "edt_theta", low_open=True),
+EXPONENT = NumberParam(
+    "dynatemp_exponent", 0.0, 10.0, low_open=True, default=1.0,
+    meaning="exponent of the normalised entropy",
+)
+EDT_BASE = NumberParam(
+    "edt_base", 0.0, 1.0, low_open=True, high_open=True, default=0.8,
+    meaning="base N of T = temperature * N ** (theta / H)",
+)
+EDT_THETA = NumberParam(
+    "edt_theta", 0.0, 10.0, low_open=True, default=1.0,
+    meaning="theta of T = temperature * N ** (theta / H)",
 )
 
 # vLLM samples greedily below this temperature; a dynamic one this small keeps the top token.
@@ -170,3 +170,58 @@ def _rescaled(logits: torch.Tensor, raw: list[float], t: float) -> torch.Tensor:
         x = logits.double()
         return x.masked_fill(x < x.max(), float("-inf"))
     return torch.tensor([v / t for v in raw], dtype=torch.float64)
+
+
+def _apply_dynatemp(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    apply_dynatemp_(logits, t0, values["dynatemp_range"], values["dynatemp_exponent"], rows)
+
+
+def _reference_dynatemp(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    return dynatemp_reference(row, t0, values["dynatemp_range"], values["dynatemp_exponent"])[0]
+
+
+def _apply_edt(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    apply_edt_(logits, t0, values["edt_base"], values["edt_theta"], rows)
+
+
+def _reference_edt(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    return edt_reference(row, t0, values["edt_base"], values["edt_theta"])[0]
+
+
+DEFINITION = SamplerDefinition(
+    name="dynatemp",
+    summary="dynamic temperature from the entropy, within temperature +- dynatemp_range",
+    params=(RANGE, EXPONENT),
+    apply=_apply_dynatemp,
+    reference=_reference_dynatemp,
+    rescales=True,
+    identity={"dynatemp_range": 0.0, "dynatemp_exponent": 1.0},
+)
+
+EDT_DEFINITION = SamplerDefinition(
+    name="edt",
+    summary="EDT: temperature * edt_base ** (edt_theta / entropy)",
+    params=(EDT_BASE, EDT_THETA),
+    apply=_apply_edt,
+    reference=_reference_edt,
+    rescales=True,
+)
+
+NAME = DEFINITION.name
+PARAMS = DEFINITION.params
+DYNATEMP_RANGE_DEFAULT = RANGE.default
+DYNATEMP_EXPONENT_DEFAULT = EXPONENT.default
+EDT_NAME = EDT_DEFINITION.name
+EDT_PARAMS = EDT_DEFINITION.params
+EDT_BASE_DEFAULT = EDT_BASE.default
+EDT_THETA_DEFAULT = EDT_THETA.default

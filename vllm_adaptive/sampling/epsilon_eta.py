@@ -24,24 +24,23 @@ Threshold form: p < c is logit < lse + ln c, so each row's keep-set is one logit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
-EPSILON_NAME = "epsilon"
-ETA_NAME = "eta"
-EPSILON_DEFAULT = 3e-4
-ETA_CUTOFF_DEFAULT = 3e-4
-
-EPSILON_PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("epsilon", 0.0, 1.0, "epsilon", low_open=True, high_open=True),
+EPSILON = NumberParam(
+    "epsilon", 0.0, 1.0, low_open=True, high_open=True, default=3e-4,
+    meaning="drop tokens with probability below epsilon",
 )
-ETA_PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("eta_cutoff", 0.0, 1.0, "eta_cutoff", low_open=True, high_open=True),
+ETA_CUTOFF = NumberParam(
+    "eta_cutoff", 0.0, 1.0, low_open=True, high_open=True, default=3e-4,
+    meaning="drop tokens with probability below min(eta, sqrt(eta) * exp(-entropy))",
 )
 
 
@@ -87,3 +86,57 @@ def keep_set_reference(logits: torch.Tensor, epsilon: float, eta_cutoff: float) 
             dropped = dropped or p < min(eta_cutoff, math.sqrt(eta_cutoff) * math.exp(-entropy))
         keep[i] = logit == top or not dropped
     return keep
+
+
+def _apply_epsilon(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    epsilon = values["epsilon"]
+    apply_epsilon_eta_(logits, epsilon, torch.zeros_like(epsilon), rows)
+
+
+def _reference_epsilon(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    keep = keep_set_reference(row, values["epsilon"], 0.0)
+    return row.double().masked_fill(~keep, float("-inf"))
+
+
+def _apply_eta(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    eta_cutoff = values["eta_cutoff"]
+    apply_epsilon_eta_(logits, torch.zeros_like(eta_cutoff), eta_cutoff, rows)
+
+
+def _reference_eta(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    keep = keep_set_reference(row, 0.0, values["eta_cutoff"])
+    return row.double().masked_fill(~keep, float("-inf"))
+
+
+EPSILON_DEFINITION = SamplerDefinition(
+    name="epsilon",
+    summary="epsilon sampling: drop tokens below a fixed probability",
+    params=(EPSILON,),
+    apply=_apply_epsilon,
+    reference=_reference_epsilon,
+)
+
+ETA_DEFINITION = SamplerDefinition(
+    name="eta",
+    summary="eta sampling: drop tokens below a probability that falls with the entropy",
+    params=(ETA_CUTOFF,),
+    apply=_apply_eta,
+    reference=_reference_eta,
+)
+
+EPSILON_NAME = EPSILON_DEFINITION.name
+ETA_NAME = ETA_DEFINITION.name
+EPSILON_PARAMS = EPSILON_DEFINITION.params
+ETA_PARAMS = ETA_DEFINITION.params
+EPSILON_DEFAULT = EPSILON.default
+ETA_CUTOFF_DEFAULT = ETA_CUTOFF.default

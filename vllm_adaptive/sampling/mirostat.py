@@ -5,6 +5,10 @@ State mu starts at 2 * tau (bits). Each step keeps the tokens whose surprise -lo
 mu (the top token always), samples from the renormalised kept set, and then moves mu by
 eta * (tau - observed surprise), the surprise measured on the renormalised distribution.
 
+Parameters (shared with mirostat_v1, whose module reuses them): mirostat_tau, the target
+surprise in bits, in (0, 40], default 5.0; mirostat_eta, the learning rate of mu, in (0, 1],
+default 0.1 (llama.cpp's defaults).
+
 Keeping `-log2 p <= mu` is the same as keeping `logit >= logsumexp(logits) - mu * ln 2`, so the
 keep-set is one threshold per row: O(V), no sort. `keep_set_reference` is the sort-based form
 (llama.cpp's loop) that tests hold the threshold form to.
@@ -13,12 +17,22 @@ keep-set is one threshold per row: O(V), no sort. `keep_set_reference` is the so
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
-from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
+from vllm_adaptive.sampling.definition import STATE_KEY, SamplerDefinition
+from vllm_adaptive.sampling.param_spec import NumberParam
 
 LN2 = math.log(2.0)
+
+TAU = NumberParam(
+    "mirostat_tau", 0.0, 40.0, low_open=True, default=5.0, meaning="target surprise (bits)"
+)
+ETA = NumberParam(
+    "mirostat_eta", 0.0, 1.0, low_open=True, default=0.1, meaning="learning rate of mu"
+)
 
 
 def initial_mu(tau: float) -> float:
@@ -35,17 +49,25 @@ def keep_threshold(logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return torch.minimum(lse - mu * LN2, row_max)
 
 
-def apply_keep_set_(logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Mask, in place, every token outside each row's keep-set to -inf.
+def apply_keep_set_(
+    logits: torch.Tensor, mu: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask, in place, every token outside each selected row's keep-set to -inf.
 
-    Returns the logsumexp of each row's kept logits [R]: the normaliser of the renormalised
-    distribution, needed later to measure the surprise of the token that gets sampled.
-    Rows whose logits are all -inf are left as they are (their normaliser is -inf).
+    Returns the logsumexp of each selected row's kept logits [K]: the normaliser of the
+    renormalised distribution, needed later to measure the surprise of the token that gets
+    sampled. Rows whose logits are all -inf are left as they are (their normaliser is -inf).
     """
-    check_batch("mirostat_v2", logits, None, mu=mu)
-    threshold = keep_threshold(logits, mu)
-    logits.masked_fill_(logits < threshold.unsqueeze(-1), float("-inf"))
-    return torch.logsumexp(logits, dim=-1)
+    check_batch("mirostat_v2", logits, rows, mu=mu)
+    sub = selected(logits, rows)
+    threshold = keep_threshold(sub, mu)
+    drop = sub < threshold.unsqueeze(-1)
+    if rows is None:
+        logits.masked_fill_(drop, float("-inf"))
+        return torch.logsumexp(logits, dim=-1)
+    sub.masked_fill_(drop, float("-inf"))
+    write_rows_(logits, rows, sub, drop.any(dim=-1))
+    return torch.logsumexp(sub, dim=-1)
 
 
 def observed_surprise(token_logit: torch.Tensor, kept_lse: torch.Tensor) -> torch.Tensor:
@@ -74,3 +96,26 @@ def keep_set_reference(logits: torch.Tensor, mu: float) -> torch.Tensor:
             break
         keep[idx] = True
     return keep
+
+
+def _apply(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return apply_keep_set_(logits, values[STATE_KEY], rows)
+
+
+def _reference(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    return row.double().masked_fill(~keep_set_reference(row, values[STATE_KEY]), float("-inf"))
+
+
+DEFINITION = SamplerDefinition(
+    name="mirostat_v2",
+    summary="Mirostat v2: keep tokens whose surprise is at most mu; mu steers toward tau",
+    params=(TAU, ETA),
+    apply=_apply,
+    reference=_reference,
+    stateful=True,
+)

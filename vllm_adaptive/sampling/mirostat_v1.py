@@ -33,30 +33,27 @@ second `topk` only when some k exceeds m), and masks with `threshold_mask_`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from vllm_adaptive.kernels.row_stats import row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
+from vllm_adaptive.sampling import mirostat
 from vllm_adaptive.sampling.batch_rows import check_batch, selected
+from vllm_adaptive.sampling.definition import STATE_KEY, SamplerDefinition
 from vllm_adaptive.sampling.mirostat import initial_mu, observed_surprise, update_mu
 from vllm_adaptive.sampling.param_spec import NumberParam
 
 __all__ = [
-    "NAME", "PARAMS", "MIROSTAT_TAU_DEFAULT", "MIROSTAT_ETA_DEFAULT", "MIROSTAT_M_DEFAULT",
-    "initial_mu", "observed_surprise", "update_mu", "keep_k", "apply_keep_set_",
-    "keep_k_reference", "keep_set_reference",
+    "DEFINITION", "NAME", "PARAMS", "MIROSTAT_TAU_DEFAULT", "MIROSTAT_ETA_DEFAULT",
+    "MIROSTAT_M_DEFAULT", "initial_mu", "observed_surprise", "update_mu", "keep_k",
+    "apply_keep_set_", "keep_k_reference", "keep_set_reference",
 ]
 
-NAME = "mirostat_v1"
-MIROSTAT_TAU_DEFAULT = 5.0
-MIROSTAT_ETA_DEFAULT = 0.1
-MIROSTAT_M_DEFAULT = 100
-
-PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("mirostat_tau", 0.0, 40.0, "mirostat_tau", low_open=True),
-    NumberParam("mirostat_eta", 0.0, 1.0, "mirostat_eta", low_open=True),
-    NumberParam("mirostat_m", 2.0, 1000.0, "mirostat_m"),
+M = NumberParam(
+    "mirostat_m", 2.0, 1000.0, default=100.0,
+    meaning="how many top tokens estimate the Zipf exponent (fractions are truncated)",
 )
 
 LN2 = math.log(2.0)
@@ -169,3 +166,33 @@ def keep_set_reference(logits: torch.Tensor, mu: float, m: int) -> torch.Tensor:
     k = keep_k_reference(logits, mu, m)
     kth = torch.sort(logits.double(), descending=True).values[k - 1].item()
     return (logits.double() >= kth) & (logits > float("-inf"))
+
+
+def _apply(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return apply_keep_set_(logits, values[STATE_KEY], values["mirostat_m"], rows)
+
+
+def _reference(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    keep = keep_set_reference(row, values[STATE_KEY], int(values["mirostat_m"]))
+    return row.double().masked_fill(~keep, float("-inf"))
+
+
+DEFINITION = SamplerDefinition(
+    name="mirostat_v1",
+    summary="Mirostat v1: keep the top k tokens, k from a Zipf fit and mu; mu steers toward tau",
+    params=(mirostat.TAU, mirostat.ETA, M),
+    apply=_apply,
+    reference=_reference,
+    stateful=True,
+)
+
+NAME = DEFINITION.name
+PARAMS = DEFINITION.params
+MIROSTAT_TAU_DEFAULT = mirostat.TAU.default
+MIROSTAT_ETA_DEFAULT = mirostat.ETA.default
+MIROSTAT_M_DEFAULT = int(M.default)  # type: ignore[arg-type]

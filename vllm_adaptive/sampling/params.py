@@ -4,19 +4,21 @@ Requests choose a sampler with flat keys in `SamplingParams.extra_args` (over HT
 `vllm_xargs`), e.g. `{"adaptive_sampler": "mirostat_v2", "mirostat_tau": 3.0}`. Parsing happens
 twice: at admission in the API server (`validate_params`, where a bad value becomes HTTP 400
 naming the parameter, the allowed values and the value sent) and in the worker (where
-deployment defaults fill what the request left out). The table below is the single source of
-truth for both.
+deployment defaults fill what the request left out). Both read the sampler definitions
+(vllm_adaptive.sampling.registry); what counts as a number is `param_spec.as_number`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm_adaptive.config import SamplingConfig
-from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat_v1, top_n_sigma, typical
-from vllm_adaptive.sampling.param_spec import NumberParam, SamplerParamError
+from vllm_adaptive.sampling import registry
+from vllm_adaptive.sampling.param_spec import NumberParam, SamplerParamError, shown
+
+if TYPE_CHECKING:
+    from vllm_adaptive.config import SamplingConfig
 
 __all__ = [
     "ALL_PARAM_KEYS", "NumberParam", "PARAMS_BY_KEY", "SAMPLERS", "SAMPLER_KEY",
@@ -25,28 +27,15 @@ __all__ = [
 
 SAMPLER_KEY = "adaptive_sampler"
 
-
-MIROSTAT_V2_PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("mirostat_tau", 0.0, 40.0, "mirostat_tau", low_open=True),
-    NumberParam("mirostat_eta", 0.0, 1.0, "mirostat_eta", low_open=True),
-)
-
-# sampler name -> its parameters. Ranges and defaults are explained in each sampler's module.
+# sampler name -> its parameters (from the definitions in vllm_adaptive.sampling.registry).
 SAMPLERS: dict[str, tuple[NumberParam, ...]] = {
-    "mirostat_v1": mirostat_v1.PARAMS,
-    "mirostat_v2": MIROSTAT_V2_PARAMS,
-    "dynatemp": dynatemp.PARAMS,
-    "edt": dynatemp.EDT_PARAMS,
-    "typical": typical.PARAMS,
-    "epsilon": epsilon_eta.EPSILON_PARAMS,
-    "eta": epsilon_eta.ETA_PARAMS,
-    "top_n_sigma": top_n_sigma.PARAMS,
+    name: definition.params for name, definition in registry.SAMPLERS.items()
 }
 
 # Each parameter key, with its range; a key shared by samplers has one definition.
-PARAMS_BY_KEY: dict[str, NumberParam] = {p.key: p for ps in SAMPLERS.values() for p in ps}
+PARAMS_BY_KEY: Mapping[str, NumberParam] = registry.PARAMS_BY_KEY
 
-ALL_PARAM_KEYS: frozenset[str] = frozenset(p.key for ps in SAMPLERS.values() for p in ps)
+ALL_PARAM_KEYS: frozenset[str] = frozenset(PARAMS_BY_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +75,9 @@ def parse_sampler_request(
             )
         return None
     name = extra_args[SAMPLER_KEY]
-    if not isinstance(name, str) or name not in SAMPLERS:
+    if not isinstance(name, str) or name not in SAMPLERS:  # 3, True, None, [..] are no names
         raise SamplerParamError(
-            f"{SAMPLER_KEY} must be one of {sorted(SAMPLERS)}, got {name!r}", SAMPLER_KEY, name
+            f"{SAMPLER_KEY} must be one of {sorted(SAMPLERS)}, got {shown(name)}", SAMPLER_KEY, name
         )
     params = SAMPLERS[name]
     foreign = sorted(ours - {p.key for p in params})

@@ -17,19 +17,19 @@ Threshold form: one pass of `row_stats` (max, mean, std) and `threshold_mask_`: 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
-NAME = "top_n_sigma"
-TOP_N_SIGMA_DEFAULT = 1.0
-
-PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("top_n_sigma", 0.0, 100.0, "top_n_sigma", low_open=True),
+N = NumberParam(
+    "top_n_sigma", 0.0, 100.0, low_open=True, default=1.0,
+    meaning="keep logits within this many standard deviations of the largest",
 )
 
 
@@ -60,3 +60,29 @@ def keep_set_reference(logits: torch.Tensor, n: float) -> torch.Tensor:
     for i, v in enumerate(logits.double().tolist()):
         keep[i] = v != float("-inf") and (n <= 0 or v >= top - n * sigma)
     return keep
+
+
+def _apply(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    apply_top_n_sigma_(logits, values["top_n_sigma"], rows)
+
+
+def _reference(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    return row.double().masked_fill(~keep_set_reference(row, values["top_n_sigma"]), float("-inf"))
+
+
+DEFINITION = SamplerDefinition(
+    name="top_n_sigma",
+    summary="top-n-sigma: keep logits at least max - n * std",
+    params=(N,),
+    apply=_apply,
+    reference=_reference,
+)
+
+NAME = DEFINITION.name
+PARAMS = DEFINITION.params
+TOP_N_SIGMA_DEFAULT = N.default

@@ -28,18 +28,18 @@ one batched torch call on either device; the statistics (lse, entropy, max) come
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from vllm_adaptive.kernels.row_stats import row_stats
 from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
+from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
-NAME = "typical"
-TYPICAL_P_DEFAULT = 0.95
-
-PARAMS: tuple[NumberParam, ...] = (
-    NumberParam("typical_p", 0.0, 1.0, "typical_p", low_open=True),
+TYPICAL_P = NumberParam(
+    "typical_p", 0.0, 1.0, low_open=True, default=0.95,
+    meaning="probability mass of the most typical tokens kept (1: off)",
 )
 
 
@@ -105,3 +105,31 @@ def keep_set_reference(logits: torch.Tensor, typical_p: float) -> torch.Tensor:
     for i in finite:
         keep[i] = score[i] <= cut or values[i] == top
     return keep
+
+
+def _apply(
+    logits: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    t0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> None:
+    apply_typical_(logits, values["typical_p"], rows)
+
+
+def _reference(row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    return row.double().masked_fill(~keep_set_reference(row, values["typical_p"]), float("-inf"))
+
+
+DEFINITION = SamplerDefinition(
+    name="typical",
+    summary="locally typical sampling: keep the tokens whose surprise is closest to the entropy",
+    params=(TYPICAL_P,),
+    apply=_apply,
+    reference=_reference,
+    identity={"typical_p": 1.0},
+    min_kept_mass="typical_p",
+)
+
+NAME = DEFINITION.name
+PARAMS = DEFINITION.params
+TYPICAL_P_DEFAULT = TYPICAL_P.default
