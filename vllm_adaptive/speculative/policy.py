@@ -10,12 +10,17 @@
   request's AdaEDL lambda (Algorithm 1), and each request's acceptance rate for the controller;
 - the `GoodputController`, which caps K for the whole batch from measured step times
   (`observe_step`), when the config turns it on;
-- counters an operator (or a test) reads through `vllm_adaptive.introspection`.
+- counters an operator (or a test) reads through `vllm_adaptive.introspection`, among them the
+  failures the proposer caught, by stage (FAILURE_STAGES).
 
 The proposer (`vllm_adaptive.speculative.proposer`) calls it in this order each engine step:
 `observe_verification` (the previous step's drafts), `begin` (K), `record` per draft step,
 `finish` (the drafts), `observe_step` (timings). Tensors stay on the draft model's device
 until `finish`, which reads them once.
+
+Each stage has a fault point (`vllm_adaptive.faults`, off unless VLLM_ADAPTIVE_FAULT_INJECT
+names it): `spec:feedback`, `spec:controller`, `spec:stop_rule`, `spec:finish`, so that tests can
+prove that the proposer's fallback for each stage serves the step in a real engine.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vllm_adaptive.faults import injected_faults, raise_if_injected
 from vllm_adaptive.speculative.config import AUTO, DEFAULT_DRAFT_COST_RATIO, AdaptiveDraftConfig
 from vllm_adaptive.speculative.controller import GoodputController
 from vllm_adaptive.speculative.stop_rules import (
@@ -46,6 +52,10 @@ IDLE_FACTOR = 5.0
 IDLE_SECONDS = 1.0
 # Per-request acceptance counts for the controller decay by this factor per verification.
 ACCEPTANCE_DECAY = 0.9
+# Where in a step adaptive drafting can fail (the proposer counts each failure under one):
+# learning from the previous drafts' verification, choosing the cap K (controller, SpecDec++
+# threshold), the stop rule at a draft step, and collecting the drafts and timings.
+FAILURE_STAGES = ("feedback", "controller", "stop_rule", "finish")
 
 
 @dataclasses.dataclass
@@ -73,6 +83,8 @@ class DraftCounters:
     verified_tokens: int = 0  # their draft tokens
     accepted_tokens: int = 0  # of which the target accepted
     failures: int = 0  # internal errors; that step fell back to fixed-K drafting
+    failure_stages: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(FAILURE_STAGES, 0))  # failures by stage
     length_histogram: list[int] = dataclasses.field(default_factory=list)  # rows by draft length
     cap_histogram: list[int] = dataclasses.field(default_factory=list)  # proposals by cap K
 
@@ -102,6 +114,7 @@ class DraftInProgress:
     ) -> None:
         """One draft step: the logits [B, V] the draft computed, the tokens [B] it drafted, and
         the probabilities [B, V] it sampled them from (None: greedy drafting, argmax of logits)."""
+        raise_if_injected("spec:stop_rule")
         entropy = self.policy.rule.needs_entropy
         if probs is None:
             stats = draft_stats(logits, entropy=entropy)
@@ -137,6 +150,7 @@ class DraftLengthPolicy:
     def __init__(self, config: AdaptiveDraftConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
+        injected_faults()  # a misspelt VLLM_ADAPTIVE_FAULT_INJECT stops the engine here
         # The calibrator's state is tiny and updated from host values: it lives on the host.
         self.calibrator = build_calibrator(config)
         self.rule: StopRule = build_stop_rule(config, self.calibrator)
@@ -194,15 +208,18 @@ class DraftLengthPolicy:
         """The target verified `scheduled[r]` (the draft tokens the scheduler kept for row r) and
         accepted `num_accepted[r]` of them. Rows whose draft is not the one this policy proposed
         (placeholders of resumed requests, a step the drafter did not run) are skipped."""
+        # Taken before anything can fail: a step whose feedback failed learns nothing, and
+        # the next step never matches its verification against these drafts.
+        pending_drafts, self._pending = self._pending, {}
+        raise_if_injected("spec:feedback")
         rows: list[tuple[str, int, int, list[float]]] = []
         for req_id, tokens, accepted in zip(req_ids, scheduled, num_accepted):
-            pending = self._pending.get(req_id)
+            pending = pending_drafts.get(req_id)
             drafted = len(tokens)
             if drafted == 0 or pending is None or list(pending[0][:drafted]) != list(tokens):
                 continue
             accepted = min(max(int(accepted), 0), drafted)
             rows.append((req_id, drafted, accepted, pending[1][:drafted]))
-        self._pending = {}
         if not rows:
             return
         width = max(drafted for _, drafted, _, _ in rows)
@@ -239,6 +256,7 @@ class DraftLengthPolicy:
         self._forget_requests_not_in(req_ids)
         k = min(k_max, self.config.max_draft_tokens)
         if self.controller is not None:
+            raise_if_injected("spec:controller")
             decoding_ids = [r for r, d in zip(req_ids, decoding) if d]
             width = self.controller.max_draft_tokens
             engine_rate = self.engine_acceptance()
@@ -266,6 +284,7 @@ class DraftLengthPolicy:
         self, draft: DraftInProgress, req_ids: Sequence[str], decoding: Sequence[bool]
     ) -> list[list[int]]:
         """Each row's draft: the tokens its stop rule kept (a prefix of the steps run)."""
+        raise_if_injected("spec:finish")
         if draft.steps == 0:
             drafts: list[list[int]] = [[] for _ in req_ids]
             confidences: list[list[float]] = [[] for _ in req_ids]
@@ -310,8 +329,11 @@ class DraftLengthPolicy:
                 self.controller.observe_verify(num_rows, num_tokens, verify_seconds)
         self.controller.observe_draft(num_rows, num_passes, draft_seconds)
 
-    def record_failure(self) -> None:
+    def record_failure(self, stage: str) -> None:
+        """Count a failure the proposer caught at `stage` (one of FAILURE_STAGES)."""
         self.counters.failures += 1
+        stages = self.counters.failure_stages
+        stages[stage] = stages.get(stage, 0) + 1
 
     def metrics_snapshot(self) -> dict:
         """What the worker publishes for `/metrics` (vllm_adaptive.worker_metrics): plain data."""

@@ -20,9 +20,21 @@ With adaptive drafting on, each `propose`:
 3. returns each row's draft as a list of its own length, which the runner passes to the
    scheduler unchanged; rows that stopped at once draft nothing (a plain decode step).
 
-Verification is vLLM's rejection sampler, unchanged, so greedy output is the target's. An
-internal error in the policy degrades that step to vLLM's fixed-K drafting, is logged, and is
-counted (`failures`).
+Verification is vLLM's rejection sampler, unchanged, so greedy output is the target's.
+
+Nothing of the policy raises into the engine. An error at one of its stages (policy.FAILURE_STAGES)
+is counted under that stage (`failures`, `failure_stages`; `vllm_adaptive:spec_failures_total`
+on a server), logged the first time per stage, and degrades that step only:
+
+- `feedback` (learning from the previous drafts' verification) or `controller` (choosing K):
+  the step drafts as vLLM does, `num_speculative_tokens` for every row;
+- `stop_rule` (a draft step): the rest of the loop is vLLM's, and the step's drafts are its
+  fixed-K ones;
+- `finish` (collecting the drafts and timings): vLLM's fixed-K drafts when the loop ran to K;
+  when it ended early, no drafts (a plain decode step), since there are no fixed-K ones.
+
+Each keeps verification as it is, so greedy output stays the target's. Tests force each stage to
+fail through `vllm_adaptive.faults` (tests/engine/test_speculative_faults.py).
 """
 
 from __future__ import annotations
@@ -52,7 +64,7 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         self._runner = runner  # vLLM's base class accepts it and drops it
         self._draft: DraftInProgress | None = None
         self._last_step_end: float | None = None
-        self._failure_logged = False
+        self._failures_logged: set[str] = set()
         self.policy: DraftLengthPolicy | None = None
         self._publisher: SnapshotPublisher | None = None
         adaptive = AdaptiveConfig.from_vllm_config(vllm_config)
@@ -122,14 +134,16 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             torch.cuda.synchronize(self.device)  # the target's step ends here, for its timing
             started = time.perf_counter()
         num_rows = next_token_ids.shape[0]
-        num_tokens = int(common_attn_metadata.num_actual_tokens)  # the target step's tokens
+        stage = "feedback"
         try:
+            num_tokens = int(common_attn_metadata.num_actual_tokens)  # the target step's tokens
             req_ids = list(self._runner.input_batch.req_ids[:num_rows])
             decoding = (self._runner.discard_request_mask.np[:num_rows] == 0).tolist()
             self._observe_verification(req_ids, num_rows, num_rejected_tokens_gpu)
+            stage = "controller"
             draft = policy.begin(req_ids, decoding, num_speculative_tokens)
         except Exception:
-            self._failed("preparing the step")
+            self._failed(stage)
             return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
 
         self._draft = draft
@@ -152,11 +166,13 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             policy.observe_step(num_rows, num_tokens, verify_seconds, passes, ended - started)
             self._last_step_end = ended
         except Exception:
-            self._failed("finishing the step")
-            if upstream is None:  # the loop ended early: pad nothing, send what was drafted
-                return torch.stack(draft.tokens, dim=1) if draft.tokens else torch.empty(
-                    num_rows, 0, dtype=torch.int64, device=next_token_ids.device)
-            return upstream
+            self._failed("finish")
+            if upstream is not None:
+                return upstream  # vLLM's fixed-K drafts, with the probabilities it kept
+            # The loop ended early: vLLM kept no draft probabilities, and a draft verified
+            # without them would not be lossless under sampling. No drafts this step.
+            self._last_draft_probs = None
+            return [[] for _ in range(num_rows)]
         return drafts
 
     def _sample_draft_tokens(
@@ -173,7 +189,7 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             end = draft.should_end()
         except Exception:
             draft.failed = True
-            self._failed("a draft step")
+            self._failed("stop_rule")
             return token_ids, probs
         if end:
             raise _DraftsEnded
@@ -196,15 +212,17 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         accepted = [max(scheduled[i], 0) - rejected[i] for i in range(num_rows)]
         self.policy.observe_verification(req_ids, drafts, accepted)
 
-    def _failed(self, where: str) -> None:
+    def _failed(self, stage: str) -> None:
+        """Count a failure at `stage` (policy.FAILURE_STAGES); log the first one of each stage."""
         assert self.policy is not None
-        self.policy.record_failure()
-        if not self._failure_logged:
+        self.policy.record_failure(stage)
+        if stage not in self._failures_logged:
+            self._failures_logged.add(stage)
             logger.exception(
-                "vllm-adaptive: adaptive drafting failed in %s; this step drafts vLLM's "
-                "fixed number of tokens (further failures are counted, not logged)", where,
+                "vllm-adaptive: adaptive drafting failed at stage %r; this step drafts as vLLM "
+                "does (further failures at this stage are counted in "
+                "vllm_adaptive:spec_failures_total{stage=%r}, not logged)", stage, stage,
             )
-            self._failure_logged = True
 
     def adaptive_state(self) -> dict[str, Any]:
         """What `vllm_adaptive.introspection` reports about this proposer."""
