@@ -1,7 +1,8 @@
 """The values schema's `adaptive:` section mirrors the plugin's config dataclasses, key for key
 and type for type, so `helm template` refuses exactly the keys and types `--adaptive-config`
 refuses (vllm_adaptive/config.py, vllm_adaptive/speculative/config.py); every values.yaml key is
-documented in docs/kubernetes.md.
+documented in docs/kubernetes.md. The expected JSON types are derived here from the dataclasses'
+annotations, apart from helm/update_schema.py, which rewrites the schema after a config change.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vllm_adaptive.config import AdaptiveConfig
 from vllm_adaptive.speculative import config as speculative_config
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+FIX = "; run .venv/bin/python helm/update_schema.py"
 ADAPTIVE = SCHEMA["properties"]["adaptive"]
 # Fields whose str values are limited to a set, and that set.
 CHOICES = {
@@ -48,7 +50,7 @@ def json_types_of(annotation: Any) -> set[str]:
 def test_adaptive_sections_are_the_config_sections() -> None:
     hints = typing.get_type_hints(AdaptiveConfig)
     assert ADAPTIVE["additionalProperties"] is False
-    assert set(ADAPTIVE["properties"]) == {f.name for f in dataclasses.fields(AdaptiveConfig)}
+    assert set(ADAPTIVE["properties"]) == {f.name for f in dataclasses.fields(AdaptiveConfig)}, FIX
     for section in ADAPTIVE["properties"]:
         assert dataclasses.is_dataclass(hints[section])
 
@@ -59,11 +61,11 @@ def test_every_config_field_has_its_type_in_the_schema() -> None:
         cls = hints[section]
         field_hints = typing.get_type_hints(cls)
         assert section_schema["additionalProperties"] is False, section
-        assert set(section_schema["properties"]) == {f.name for f in dataclasses.fields(cls)}, section
+        assert set(section_schema["properties"]) == {f.name for f in dataclasses.fields(cls)}, section + FIX
         for name, field_schema in section_schema["properties"].items():
             expected = json_types_of(field_hints[name])
             # A JSON "number" accepts integers, which the config's float fields accept too.
-            assert accepted_json_types(field_schema) == expected, f"{section}.{name}: {field_schema} vs {expected}"
+            assert accepted_json_types(field_schema) == expected, f"{section}.{name}: {field_schema} vs {expected}{FIX}"
 
 
 def test_string_choices_are_the_configs() -> None:
@@ -71,7 +73,7 @@ def test_string_choices_are_the_configs() -> None:
         for name, field_schema in section_schema["properties"].items():
             options = [s for s in field_schema.get("anyOf", [field_schema]) if s.get("type") == "string"]
             if (section, name) in CHOICES:
-                assert len(options) == 1 and set(options[0]["enum"]) == CHOICES[(section, name)], (section, name)
+                assert len(options) == 1 and set(options[0]["enum"]) == CHOICES[(section, name)], f"{section}.{name}{FIX}"
             else:
                 assert all("enum" not in s for s in options), (section, name)
 
