@@ -6,6 +6,12 @@ draft that keeps the target's embeddings, final norm, LM head and first layers (
 rest) is smaller, shares the tokenizer, and agrees with the target often but not always: what a
 test of adaptive draft lengths needs. It is cached beside the target (under
 `$VLLM_ADAPTIVE_CACHE/models`), in a folder keyed by the target's weights and the layer count.
+
+A contrary draft (`ensure_contrary_draft`) is the whole target with its LM head's rows rotated
+by one token and scaled up: its greedy token is always the one after the target's (so under
+greedy verification the target never accepts a draft token), and it is sure of it (its top
+probability is near 1). With it, what adaptive drafting should do does not depend on the
+machine's speed: every draft token is wasted work, so the controller must end speculation.
 """
 
 from __future__ import annotations
@@ -13,10 +19,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Files a target folder carries besides its weights and model config (the tokenizer's).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# How much a contrary draft scales the target's logits: the tiny random target's are nearly flat,
+# and x30 puts the draft's top probability near 1.
+CONTRARY_SHARPNESS = 30.0
 
 
 def _weights_digest(model: Path) -> str:
@@ -49,11 +59,16 @@ def build_truncated_draft(target: Path, num_layers: int, out_dir: Path) -> None:
 def ensure_truncated_draft(target: Path, num_layers: int = 1) -> Path:
     """The folder of `target`'s first `num_layers` layers as a model, built if not cached."""
     folder = target.parent / f"{target.name}-draft-L{num_layers}-{_weights_digest(target)}"
+    return _build_once(folder, lambda tmp: build_truncated_draft(target, num_layers, tmp))
+
+
+def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """`folder`, built by `build(tmp)` into a temporary folder renamed into place, if absent."""
     if (folder / "config.json").exists():
         return folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        build_truncated_draft(target, num_layers, tmp)
+        build(tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process built it first
@@ -62,3 +77,27 @@ def ensure_truncated_draft(target: Path, num_layers: int = 1) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def build_contrary_draft(target: Path, out_dir: Path, sharpness: float) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32)
+    if model.config.tie_word_embeddings:
+        raise ValueError(f"{target}: a contrary draft needs an LM head of its own (tied embeddings)")
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        # row v of the new head is row v - 1 of the target's: draft argmax = target argmax + 1
+        head.weight.copy_(torch.roll(head.weight, shifts=1, dims=0) * sharpness)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (target / name).exists():
+            shutil.copy(target / name, out_dir / name)
+
+
+def ensure_contrary_draft(target: Path, sharpness: float = CONTRARY_SHARPNESS) -> Path:
+    """The folder of `target`'s contrary draft (see the module docstring), built if not cached."""
+    tag = f"{sharpness:g}".replace(".", "p")
+    folder = target.parent / f"{target.name}-contrary-x{tag}-{_weights_digest(target)}"
+    return _build_once(folder, lambda tmp: build_contrary_draft(target, tmp, sharpness))

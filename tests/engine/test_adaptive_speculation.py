@@ -11,6 +11,11 @@ The random models' distributions are nearly flat (draft entropy ~6.2-6.4 nats, l
 so the entropy threshold below sits inside that range: the rule then stops some drafts early
 and lets others run, which is what the tests need to see. The trained pair, when it is cached,
 gives real figures.
+
+The default configuration (`speculative: {enabled: true}`: SpecDec++ with the goodput controller)
+runs with the contrary draft (tests/draft_models.py), which the target never accepts: what the
+controller and the stop rule must do then follows from the draft alone, not from the machine's
+speed (see `default_configuration`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import pytest
 from vllm import LLM
 
 import vllm_adaptive
-from draft_models import ensure_truncated_draft
+from draft_models import ensure_contrary_draft, ensure_truncated_draft
 from reference import ENGINE_ARGS, SPEC_PROMPTS, spec_workload
 from vllm_adaptive.introspection import adaptive_worker_state
+from vllm_adaptive.speculative.config import AdaptiveDraftConfig, initial_k
 
 pytestmark = pytest.mark.engine
 
@@ -168,6 +174,78 @@ def test_plugin_with_adaptive_drafting_off_is_vllms_draft_model_speculation(
     assert adaptive_off["greedy_metrics"] == metrics
     assert metrics["vllm:spec_decode_num_draft_tokens"] == K_MAX * metrics["vllm:spec_decode_num_drafts"]
     assert [len(t) for t in adaptive_off["sampled"]] == [48] * len(SPEC_PROMPTS)
+
+
+# --- the default configuration: SpecDec++ with the goodput controller ----------------------
+
+DEFAULTS = AdaptiveDraftConfig(enabled=True)
+
+
+@pytest.fixture(scope="module")
+def default_configuration(runs: Runs, tiny_model: Path) -> dict[str, Any]:
+    """`speculative: {enabled: true}` with the contrary draft, which is sure of a token the target
+    never chooses. Then, whatever the machine's speed:
+
+    - the controller keeps its initial K until it has `controller_min_samples` timings of each
+      kind (the warm-up), then prices every K at zero accepted tokens, so a smaller K has a
+      shorter step and the same tokens: it must go to 0 as soon as K's extra draft passes
+      (whole forward passes of a model as large as the target) cost more than `margin` of a step;
+    - the stop rule starts from the calibrator's prior (acceptance = the draft's confidence,
+      near 1) and drafts to the cap; after the first verifications the calibrator has seen
+      confident tokens rejected, and the rule stops drafts early, within the warm-up.
+    """
+    draft = ensure_contrary_draft(tiny_model)
+    return runs.get("default-configuration", lambda: plugin_run(
+        tiny_model, {"speculative": {"enabled": True}},
+        speculative_config=speculative_config(draft, DEFAULTS.max_draft_tokens)))
+
+
+def test_default_configuration_is_specdec_with_the_goodput_controller(
+    default_configuration: dict[str, Any]
+) -> None:
+    state = default_configuration["speculative"]
+    assert state["enabled"] is True and state["stop_rule"] == "specdec"
+    assert state["config"]["controller"] is True and state["config"]["specdec_threshold"] == "auto"
+    assert state["counters"]["failures"] == 0
+
+
+def test_default_configuration_greedy_outputs_equal_outputs_without_speculation(
+    default_configuration: dict[str, Any], no_speculation: dict[str, Any]
+) -> None:
+    assert default_configuration["greedy"] == no_speculation["greedy"]
+    # the contrary draft is as the test means it: greedy verification accepted none of its tokens
+    metrics = default_configuration["greedy_metrics"]
+    assert metrics["vllm:spec_decode_num_draft_tokens"] > 0
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] == 0
+
+
+def test_default_configuration_controller_ends_speculation_for_a_draft_never_accepted(
+    default_configuration: dict[str, Any]
+) -> None:
+    state = default_configuration["speculative"]
+    caps = state["counters"]["cap_histogram"]
+    start = initial_k(DEFAULTS)
+    assert start > 0
+    # the warm-up ran at the initial K, then the controller moved K to 0 and kept it there
+    assert caps[start] >= DEFAULTS.controller_min_samples, caps
+    assert caps[0] > 0, caps
+    assert state["controller_k"] == 0
+    assert sum(caps) == state["counters"]["proposals"]
+
+
+def test_default_configuration_stop_rule_ends_drafts_before_the_cap(
+    default_configuration: dict[str, Any]
+) -> None:
+    state = default_configuration["speculative"]
+    counters = state["counters"]
+    start = initial_k(DEFAULTS)
+    assert counters["rule_stops"] > 0
+    # every row stopped before the cap in some steps, so the draft loop ended early there
+    assert counters["early_exits"] > 0
+    lengths = counters["length_histogram"]
+    assert lengths[start] > 0 and sum(lengths[1:start]) > 0, lengths  # drafts to the cap, and shorter
+    # the calibrator learned that the draft's confident tokens are rejected
+    assert min(state["calibration"][-3:]) < 0.5, state["calibration"]
 
 
 # --- the trained pair (benchmarks/models), when it is cached ----------------------------------

@@ -238,3 +238,32 @@ def test_pinned_draft_cost_ratio_and_fixed_threshold() -> None:
     fixed = DraftLengthPolicy(AdaptiveDraftConfig(enabled=True, stop_rule="specdec", specdec_threshold=0.6))
     fixed.begin(["a"], [True], 8)
     assert fixed.rule.threshold == pytest.approx(0.6)
+
+
+def test_failures_are_counted_by_stage() -> None:
+    policy = entropy_policy()
+    assert policy.counters.failure_stages == {"feedback": 0, "controller": 0, "stop_rule": 0, "finish": 0}
+    policy.record_failure("stop_rule")
+    policy.record_failure("stop_rule")
+    policy.record_failure("feedback")
+    assert policy.counters.failures == 3
+    assert policy.counters.failure_stages == {"feedback": 1, "controller": 0, "stop_rule": 2, "finish": 0}
+    assert policy.metrics_snapshot()["counters"]["failure_stages"]["stop_rule"] == 2
+
+
+def test_failed_feedback_forgets_the_drafts_it_was_verifying(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_adaptive.faults import FAULT_INJECT_ENV, InjectedFault, injected_faults
+
+    policy = entropy_policy()
+    draft(policy, ["a"], [[False]] * 4)
+    monkeypatch.setenv(FAULT_INJECT_ENV, "spec:feedback")
+    injected_faults.cache_clear()
+    try:
+        with pytest.raises(InjectedFault):
+            policy.observe_verification(["a"], [[0, 10]], [2])
+    finally:
+        monkeypatch.delenv(FAULT_INJECT_ENV)
+        injected_faults.cache_clear()
+    # the step after a failed one never matches its verification against the old drafts
+    policy.observe_verification(["a"], [[0, 10]], [2])
+    assert policy.counters.verified_drafts == 0
