@@ -150,6 +150,14 @@ def test_gpu_resources_match_the_parallel_sizes(
         assert any(m["mountPath"] == "/dev/shm" for m in vllm_container(objects)["volumeMounts"])
 
 
+def test_pipeline_stages_count_in_the_gpu_request(tmp_path: Path) -> None:
+    objects = render(values={"gpu": {"count": 4}, "parallelism": {"tensorParallelSize": 2, "pipelineParallelSize": 2}},
+                     tmp_dir=tmp_path)
+    argv = command_line(objects)
+    assert (flag_value(argv, "--tensor-parallel-size"), flag_value(argv, "--pipeline-parallel-size")) == ("2", "2")
+    assert vllm_container(objects)["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
 @params
 def test_probes_check_health_with_a_start_up_budget(
     values_file: Path | None, rendered: dict[Path | None, list[dict[str, Any]]]
