@@ -101,6 +101,36 @@ PATCHES: tuple[PatchSpec, ...] = (
         ),
     ),
     PatchSpec(
+        name="xargs-raw-values",
+        module="openai_protocol_vllm_xargs",
+        target=(
+            "vllm_xargs of vllm.entrypoints.openai.{completion,chat_completion,responses}"
+            ".protocol.{CompletionRequest,ChatCompletionRequest,ResponsesRequest}"
+        ),
+        stage="general_plugin",
+        why=(
+            "pydantic converts vllm_xargs before the processor's validate_params sees it: JSON "
+            "true becomes 1 (a request sending top_n_sigma: true was served as 1.0), integers "
+            "beyond 64 bits are refused by SamplingParams without naming the key, and null or "
+            "an object get a message about pydantic union branches."
+        ),
+        how=(
+            "Only where the command line has --plugin adaptive: append a pydantic "
+            "BeforeValidator to the field's metadata and rebuild the three models; it runs "
+            "vllm_adaptive.sampling.params.parse_sampler_request on the values as sent and "
+            "raises VLLMValidationError (HTTP 400 naming key, range and value). The API server "
+            "includes its routers after plugins load, so its routes use the rebuilt models."
+        ),
+        upstream=(
+            "none: vLLM offers logits processors validate_params on SamplingParams only, after "
+            "the request model has converted the values."
+        ),
+        removal=(
+            "When vLLM keeps JSON booleans in vllm_xargs (or lets a logits processor validate "
+            "the raw request arguments)."
+        ),
+    ),
+    PatchSpec(
         name="adaptive-draft-proposer",
         module="gpu_model_runner_draft_model_proposer",
         target="vllm.v1.worker.gpu_model_runner.DraftModelProposer",
