@@ -32,6 +32,7 @@ import pytest
 from vllm import LLM
 
 import vllm_adaptive
+import draft_models
 from draft_models import ensure_contrary_draft, ensure_truncated_draft
 from reference import ENGINE_ARGS, SPEC_PROMPTS, spec_workload
 from vllm_adaptive.introspection import adaptive_worker_state
@@ -248,7 +249,7 @@ def test_default_configuration_stop_rule_ends_drafts_before_the_cap(
     assert min(state["calibration"][-3:]) < 0.5, state["calibration"]
 
 
-# --- the trained pair (benchmarks/models), when it is cached ----------------------------------
+# --- the trained pair (benchmarks/models), in the default configuration but for K ------------
 
 TRAINED_K_MAX = 6
 TRAINED_MAX_TOKENS = 64
@@ -261,21 +262,11 @@ SPECDEC_RULE = {"enabled": True, "max_draft_tokens": TRAINED_K_MAX, "stop_rule":
 
 @pytest.fixture(scope="module")
 def trained_pair() -> dict[str, Path]:
-    """The cached trained draft and target; never trains (that takes about 14 minutes)."""
-    from benchmarks.models.pair import CONFIGS
-    from benchmarks.models.tokenizer import train_tokenizer
-    from benchmarks.models.train import cache_key, data_fingerprint, is_complete, model_dir
-
-    data = data_fingerprint()
-    folders = {}
-    for role in ("draft", "target"):
-        config = CONFIGS[role]
-        folders[role] = model_dir(config, cache_key(config, train_tokenizer(config.shape.vocab_size).to_str(), data))
-    missing = [str(folder) for folder in folders.values() if not is_complete(folder)]
-    if missing:
-        pytest.skip(f"the trained pair is not cached ({', '.join(missing)}); "
+    pair = draft_models.trained_pair()
+    if pair is None:
+        pytest.skip("the trained pair is not at hand (tests/draft_models.trained_pair); "
                     "`python -m benchmarks.models.train` trains it (about 14 minutes)")
-    return folders
+    return pair
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +301,7 @@ def test_trained_pair_drafts_follow_the_calibrated_acceptance(trained_adaptive: 
     state = trained_adaptive["speculative"]
     counters, metrics = state["counters"], trained_adaptive["spec_metrics"]
     assert state["stop_rule"] == "specdec" and counters["failures"] == 0
+    assert state["config"]["controller"] is True and state["controller_k"] is not None
     assert sum(1 for n in counters["length_histogram"] if n > 0) >= 2, counters["length_histogram"]
     assert counters["accepted_tokens"] == metrics["vllm:spec_decode_num_accepted_tokens"]
     assert counters["verified_tokens"] == metrics["vllm:spec_decode_num_draft_tokens"]
