@@ -1,6 +1,13 @@
-"""Shared settings for tests that start vLLM, and the fixed prompts of the equality checks."""
+"""Shared settings for tests that start vLLM, the fixed prompts of the equality checks, and the
+float64 reference of every adaptive sampler as one request sees it (`sampler_reference`)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Small KV cache (bytes): on CPU the default would reserve 92% of host RAM per engine.
 KV_CACHE_BYTES = 1 << 30
@@ -79,3 +86,37 @@ def spec_workload(llm, prompts: list[str] | None = None, max_tokens: int = SPEC_
     result["sampled"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sampled, use_tqdm=False)]
     result["spec_metrics"] = spec_metrics(llm)
     return result
+
+
+def sampler_reference(name: str, row: torch.Tensor, values: Mapping[str, float], t0: float) -> torch.Tensor:
+    """What the sampler `name` must make of one request's first-step row [V] (already divided by
+    the request's temperature t0), in float64 with -inf for dropped tokens.
+
+    Built from each sampler module's float64 reference (llama.cpp's loops, the papers'
+    definitions), with every argument named here, never through the table the processor
+    dispatches with: a swapped argument there makes the processor and this reference disagree.
+    `values` holds the request's parameters; Mirostat's mu is its starting value, 2 * tau.
+    """
+    from vllm_adaptive.sampling import dynatemp, epsilon_eta, mirostat, mirostat_v1, top_n_sigma, typical
+
+    x = row.double()
+    neg_inf = float("-inf")
+    if name == "dynatemp":
+        return dynatemp.dynatemp_reference(row, t0, values["dynatemp_range"], values["dynatemp_exponent"])[0]
+    if name == "edt":
+        return dynatemp.edt_reference(row, t0, values["edt_base"], values["edt_theta"])[0]
+    if name == "mirostat_v2":
+        keep = mirostat.keep_set_reference(row, 2.0 * values["mirostat_tau"])
+    elif name == "mirostat_v1":
+        keep = mirostat_v1.keep_set_reference(row, 2.0 * values["mirostat_tau"], int(values["mirostat_m"]))
+    elif name == "typical":
+        keep = typical.keep_set_reference(row, values["typical_p"])
+    elif name == "epsilon":
+        keep = epsilon_eta.keep_set_reference(row, values["epsilon"], 0.0)
+    elif name == "eta":
+        keep = epsilon_eta.keep_set_reference(row, 0.0, values["eta_cutoff"])
+    elif name == "top_n_sigma":
+        keep = top_n_sigma.keep_set_reference(row, values["top_n_sigma"])
+    else:
+        raise KeyError(f"no reference for sampler {name!r}: add it to tests/reference.py")
+    return x.masked_fill(~keep, neg_inf)

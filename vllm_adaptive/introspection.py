@@ -2,9 +2,11 @@
 
 `LLM.collective_rpc(adaptive_worker_state)` runs `adaptive_worker_state` in every worker
 (passing a callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1) and returns, per worker, the
-config its AdaptiveLogitsProcessor was built with and its live counters, and, on engines that
-speculate with vLLM's draft-model method, the state of the adaptive draft-model proposer (draft
-lengths, acceptances, the controller's cap).
+config its AdaptiveLogitsProcessor was built with and its live counters (requests in the batch,
+parked by preemption and resumed; sampler failures in all and by sampler and stage, the figures
+a server shows as `vllm_adaptive:sampler_failures_total`), and, on engines that speculate with
+vLLM's draft-model method, the state of the adaptive draft-model proposer (draft lengths,
+acceptances, the controller's cap).
 """
 
 from __future__ import annotations
@@ -38,13 +40,5 @@ def adaptive_worker_state(worker: Any) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "speculative": speculative_state(worker),
-        "processors": [
-            {
-                "runner_interface": p.runner_interface,
-                "config": p.config.to_dict(),
-                "active_requests": len(p._book.active),
-                "failures": p.failures,
-            }
-            for p in processors
-        ],
+        "processors": [p.worker_state() for p in processors],
     }

@@ -3,6 +3,8 @@
 They are created lazily, in the process that serves `/metrics` (the API server, where requests
 are admitted), in prometheus_client's default registry, which vLLM exposes; when vLLM runs
 several API servers it sets PROMETHEUS_MULTIPROC_DIR and prometheus_client aggregates them.
+Figures counted inside the engine's workers (sampler failures, adaptive drafting) reach the same
+`/metrics` through `vllm_adaptive.worker_metrics`.
 """
 
 from __future__ import annotations

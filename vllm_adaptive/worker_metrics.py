@@ -1,8 +1,9 @@
 """Worker-side figures on the API server's `/metrics`: one snapshot file per worker process.
 
-The adaptive proposer runs in a worker process (inside the engine core on one device), while
-`/metrics` is served by the API server, another process. vLLM's own channel from the engine to
-the frontend carries vLLM's fixed set of scheduler statistics, so the plugin uses its own:
+The adaptive proposer and the sampler processor run in a worker process (inside the engine core
+on one device), while `/metrics` is served by the API server, another process. vLLM's own
+channel from the engine to the frontend carries vLLM's fixed set of scheduler statistics, so the
+plugin uses its own:
 
 - the API server (`serve_worker_metrics`, called when `vllm serve --plugin adaptive` turns the
   plugin on) makes a private temporary folder, names it in the environment variable
@@ -13,7 +14,8 @@ the frontend carries vLLM's fixed set of scheduler statistics, so the plugin use
   `FLUSH_SECONDS` and only after a change (write to a temporary name, then rename: a reader
   never sees half a file);
 - at each scrape the collector reads every snapshot and turns the sums into metric families
-  (`speculative_families`). Counters are cumulative per worker, so summing workers is right.
+  (`speculative_families`, `sampler_families`). Counters are cumulative per worker, so summing
+  workers is right.
 
 Without the variable (offline `LLM`, or a server without the plugin) nothing is written; the same
 figures are then available through `vllm_adaptive.introspection`.
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 ENV_DIR = "VLLM_ADAPTIVE_WORKER_METRICS_DIR"
 FLUSH_SECONDS = 0.5
 SPECULATIVE = "speculative"
+SAMPLER = "sampler"
 
 _lock = threading.Lock()
 _served_dir: Path | None = None
@@ -155,13 +158,29 @@ def speculative_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
          "Verified draft tokens the target accepted; acceptance rate = this / "
          "spec_verified_draft_tokens."),
         ("spec_draft_passes", "draft_passes", "Draft-model forward passes run by adaptive drafting."),
-        ("spec_failures", "failures",
-         "Engine steps where adaptive drafting failed internally and fell back to vLLM's fixed K."),
     )
     for name, key, documentation in simple:
         family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
         family.add_metric([], total(key))
         yield family
+    failures = CounterMetricFamily(
+        "vllm_adaptive:spec_failures",
+        "Engine steps where adaptive drafting failed internally and drafted as vLLM does, by the "
+        "stage that failed: feedback (learning from verification), controller (choosing K), "
+        "stop_rule (a draft step), finish (collecting drafts and timings), unknown (a worker "
+        "that does not report stages).",
+        labels=["stage"],
+    )
+    by_stage: dict[str, int] = {}
+    for c in counters:
+        stages = {str(k): int(v) for k, v in dict(c.get("failure_stages", {})).items()}
+        stages["unknown"] = int(c.get("failures", 0)) - sum(stages.values())
+        for stage, n in stages.items():
+            by_stage[stage] = by_stage.get(stage, 0) + n
+    for stage, n in by_stage.items():
+        if n or stage != "unknown":
+            failures.add_metric([stage], n)
+    yield failures
     verified = total("verified_tokens")
     rate = GaugeMetricFamily(
         "vllm_adaptive:spec_acceptance_rate",
@@ -215,6 +234,29 @@ def speculative_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         yield theta
 
 
+def sampler_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
+    """Prometheus metric families for the sampler processors' snapshots (summed over workers)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    if not snapshots:
+        return
+    by_kind: dict[tuple[str, str], int] = {}
+    for snapshot in snapshots:
+        for row in snapshot.get("failures", []):
+            kind = (str(row["sampler"]), str(row["stage"]))
+            by_kind[kind] = by_kind.get(kind, 0) + int(row["requests"])
+    failures = CounterMetricFamily(
+        "vllm_adaptive:sampler_failures",
+        "Requests whose adaptive sampler failed inside the engine and that continued with plain "
+        "sampling, by sampler and by the logits-processor stage that failed (update_state or "
+        "add_request: admitting the request; apply: a sampling step).",
+        labels=["sampler", "stage"],
+    )
+    for (sampler, stage), requests in sorted(by_kind.items()):
+        failures.add_metric([sampler, stage], requests)
+    yield failures
+
+
 class WorkerMetricsCollector:
     """A prometheus_client collector over the snapshot folder (reads it at every scrape)."""
 
@@ -222,10 +264,12 @@ class WorkerMetricsCollector:
         self.directory = directory
 
     def collect(self) -> Iterator[Any]:
-        try:
-            yield from speculative_families(read_snapshots(self.directory, SPECULATIVE))
-        except Exception:
-            logger.exception("vllm-adaptive: could not read worker metrics from %s", self.directory)
+        for kind, families in ((SPECULATIVE, speculative_families), (SAMPLER, sampler_families)):
+            try:
+                yield from families(read_snapshots(self.directory, kind))
+            except Exception:
+                logger.exception("vllm-adaptive: could not read %s worker metrics from %s", kind,
+                                 self.directory)
 
 
 def serve_worker_metrics() -> Path:

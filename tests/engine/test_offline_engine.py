@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,9 +17,8 @@ from vllm.exceptions import VLLMValidationError
 
 import vllm_adaptive
 from vllm_adaptive.config import SamplingConfig
-from vllm_adaptive.sampling import dispatch
 from vllm_adaptive.sampling.params import SAMPLERS
-from reference import ENGINE_ARGS, GREEDY_MAX_TOKENS, GREEDY_PROMPTS
+from reference import ENGINE_ARGS, GREEDY_MAX_TOKENS, GREEDY_PROMPTS, sampler_reference
 from vllm_adaptive.introspection import adaptive_worker_state
 
 pytestmark = pytest.mark.engine
@@ -76,37 +77,59 @@ def preemptions(llm: LLM) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
-def test_mixed_batch_mirostat_follows_tau_through_preemption(
-    adaptive_llm: LLM, plain_greedy_token_ids: list[list[int]]
-) -> None:
-    """Long Mirostat requests beside greedy and plain ones, with more KV than the cache holds."""
-    mirostat = [("mirostat_v2", 2.0), ("mirostat_v2", 4.0), ("mirostat_v1", 3.0), ("mirostat_v1", 5.0)] * 2
-    sampled = [
-        SamplingParams(temperature=1.0, max_tokens=300, ignore_eos=True, logprobs=0, seed=11 + i,
-                       extra_args={"adaptive_sampler": name, "mirostat_tau": tau, "mirostat_eta": 0.1})
-        for i, (name, tau) in enumerate(mirostat)
-    ]
-    plain_random = SamplingParams(temperature=1.0, max_tokens=300, ignore_eos=True, logprobs=0, seed=5)
-    prompts = GREEDY_PROMPTS + ["Once upon a time"] * (len(sampled) + 1)
-    params = [greedy()] * len(GREEDY_PROMPTS) + [*sampled, plain_random]
-    before = preemptions(adaptive_llm)
-    outputs = adaptive_llm.generate(prompts, params)
-    # 9 requests of ~300 tokens need 27 blocks of 128 tokens; the cache has 16
-    assert preemptions(adaptive_llm) > before
+def processor_state(llm: LLM) -> dict[str, Any]:
+    """The worker's AdaptiveLogitsProcessor, as vllm_adaptive.introspection reports it."""
+    [worker] = llm.collective_rpc(adaptive_worker_state)
+    [processor] = worker["processors"]
+    return processor
 
+
+LONG_PROMPT = "Once upon a time"
+MIROSTAT_REQUESTS = [("mirostat_v2", 2.0), ("mirostat_v2", 4.0), ("mirostat_v1", 3.0), ("mirostat_v1", 5.0)]
+
+
+def long_sampled(seed: int, **extra: object) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=300, ignore_eos=True, logprobs=0, seed=seed,
+                          extra_args=extra or None)
+
+
+def test_mirostat_state_survives_preemption(adaptive_llm: LLM, plain_greedy_token_ids: list[list[int]]) -> None:
+    """A preempted Mirostat request resumes with the mu it had: its tokens are those of the same
+    request run without preemption (same seed), token for token.
+
+    Each token depends on mu through the keep-set, so a mu that restarted at 2 tau on resume,
+    or missed the update owed for the token sampled just before preemption, gives other tokens.
+    """
+    mirostat = [long_sampled(11 + i, adaptive_sampler=name, mirostat_tau=tau, mirostat_eta=0.1)
+                for i, (name, tau) in enumerate(MIROSTAT_REQUESTS)]
+    before = preemptions(adaptive_llm)
+    alone = [token_ids(adaptive_llm.generate([LONG_PROMPT], params))[0] for params in mirostat]
+    assert preemptions(adaptive_llm) == before  # one request at a time fits the cache
+
+    # Behind greedy and plain long requests: 8 requests of ~300 tokens need 24 blocks of 128
+    # tokens; the cache has 16, so the scheduler preempts, the latest requests (ours) first.
+    plain = [long_sampled(5 + i) for i in range(4)]
+    prompts = GREEDY_PROMPTS + [LONG_PROMPT] * (len(plain) + len(mirostat))
+    resumed = processor_state(adaptive_llm)["resumed_requests"]
+    outputs = adaptive_llm.generate(prompts, [greedy()] * len(GREEDY_PROMPTS) + plain + mirostat)
+    assert preemptions(adaptive_llm) > before
+    assert processor_state(adaptive_llm)["resumed_requests"] > resumed  # Mirostat states came back
+
+    assert token_ids(outputs[-len(mirostat):]) == alone
     # greedy requests batched with sampled ones are exactly plain vLLM's
     assert token_ids(outputs[: len(GREEDY_PROMPTS)]) == plain_greedy_token_ids
     # each Mirostat request's observed surprise settles on its own target
-    for (name, tau), output in zip(mirostat, outputs[len(GREEDY_PROMPTS) : -1]):
+    for (name, tau), output in zip(MIROSTAT_REQUESTS, outputs[-len(mirostat):]):
         assert len(output.outputs[0].token_ids) == 300
         assert abs(mean_surprise_bits(output) - tau) < 0.5, (name, tau, mean_surprise_bits(output))
-    # the plain sampled request is not truncated: its surprise is far above every target
-    assert mean_surprise_bits(outputs[-1]) > 6.0
+    # the plain sampled requests are not truncated: their surprise is far above every target
+    for output in outputs[len(GREEDY_PROMPTS) : len(GREEDY_PROMPTS) + len(plain)]:
+        assert mean_surprise_bits(output) > 6.0
 
 
 # Parameters under which each sampler changes the tiny model's (rather flat) distributions.
 SAMPLER_ARGS: dict[str, dict[str, float]] = {
-    "mirostat_v1": {"mirostat_tau": 3.0},
+    "mirostat_v1": {"mirostat_tau": 3.0, "mirostat_m": 100},
     "mirostat_v2": {"mirostat_tau": 3.0},
     "dynatemp": {"dynatemp_range": 0.5, "dynatemp_exponent": 1.0},
     "edt": {"edt_base": 0.5, "edt_theta": 2.0},
@@ -126,16 +149,14 @@ def first_step_logprobs(output) -> torch.Tensor:  # noqa: ANN001
     return row
 
 
+RESCALING = {"dynatemp", "edt"}  # rewrite finite logits; the others only mask tokens
+
+
 def expected_first_step(name: str, tempered: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Our sampler applied, outside the engine, to the tempered row plain vLLM produced."""
-    values = {**{p.key: float(getattr(SamplingConfig(), p.default_from)) for p in SAMPLERS[name]},
-              **SAMPLER_ARGS[name]}
-    params = {k: torch.tensor([v], dtype=torch.float32) for k, v in values.items()}
-    if dispatch.ENTRIES[name].stateful:
-        params["mu"] = torch.tensor([2.0 * values["mirostat_tau"]])  # mu starts at 2 tau
-    row = tempered.float().unsqueeze(0)
-    dispatch.ENTRIES[name].apply(row, params, torch.tensor([temperature]))
-    return torch.log_softmax(row[0].double(), dim=-1)
+    """The sampler's float64 reference applied, outside the engine, to the tempered row plain
+    vLLM produced (Mirostat at its first step: mu = 2 tau)."""
+    row = sampler_reference(name, tempered.float(), SAMPLER_ARGS[name], temperature)
+    return torch.log_softmax(row, dim=-1)
 
 
 def test_mixed_batch_gives_every_request_its_own_sampler(adaptive_llm: LLM) -> None:
@@ -164,7 +185,7 @@ def test_mixed_batch_gives_every_request_its_own_sampler(adaptive_llm: LLM) -> N
         # float32 rounding of the reconstructed row may move at most one token across a cutoff
         assert (kept_got != kept_want).sum() <= 1, (name, int(kept_got.sum()), int(kept_want.sum()))
         both = kept_got & kept_want
-        if dispatch.ENTRIES[name].rescales:
+        if name in RESCALING:
             assert kept_got.all()
             assert (got - tempered).abs().max() > 0.05, f"{name} did not change the distribution"
             torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
@@ -188,3 +209,71 @@ def test_bad_sampler_argument_is_refused_offline_and_engine_keeps_serving(adapti
         adaptive_llm.generate(["Hello"], bad)
     assert e.value.parameter == "mirostat_tau" and e.value.value == -1
     assert token_ids(adaptive_llm.generate(GREEDY_PROMPTS[:1], greedy()))[0]
+
+
+# ---- fault injection: a sampler that fails inside the engine --------------------------------
+
+
+def fault_switch(names: str) -> Callable[[Any], list[str]]:
+    """A function for collective_rpc that sets the worker's injected fault points (by value:
+    cloudpickle ships a closure's code, so the worker needs no import of this module)."""
+
+    def switch(worker: Any) -> list[str]:
+        import os
+
+        from vllm_adaptive.faults import FAULT_INJECT_ENV, injected_faults
+
+        os.environ[FAULT_INJECT_ENV] = names
+        injected_faults.cache_clear()
+        return sorted(injected_faults())
+
+    return switch
+
+
+@contextmanager
+def injected(llm: LLM, names: str) -> Iterator[None]:
+    """Fault points switched on in the engine's worker for the `with` block only."""
+    assert llm.collective_rpc(fault_switch(names)) == [sorted(names.split(","))]
+    try:
+        yield
+    finally:
+        assert llm.collective_rpc(fault_switch("")) == [[]]
+
+
+def failure_counts(llm: LLM) -> dict[tuple[str, str], int]:
+    return {(f["sampler"], f["stage"]): f["requests"] for f in processor_state(llm)["failure_counts"]}
+
+
+def fault_batch() -> tuple[list[str], list[SamplingParams], list[SamplingParams]]:
+    """Prompts, a batch with one request per sampler plus greedy and plain ones, and the same
+    batch with each sampler request replaced by its plain twin (same seed and temperature)."""
+    names = list(SAMPLER_ARGS)
+    with_sampler, twins = [], []
+    for i, name in enumerate(names):
+        common = {"temperature": 0.7 + 0.05 * i, "max_tokens": 12, "ignore_eos": True, "seed": 40 + i}
+        with_sampler.append(SamplingParams(**common, extra_args={"adaptive_sampler": name, **SAMPLER_ARGS[name]}))
+        twins.append(SamplingParams(**common))
+    others = [greedy()] * 2 + [SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True, seed=3)]
+    prompts = [LONG_PROMPT] * len(names) + GREEDY_PROMPTS[:2] + [LONG_PROMPT]
+    return prompts, with_sampler + others, twins + others
+
+
+@pytest.mark.parametrize("stage", ["update_state", "apply"])
+def test_a_failing_sampler_serves_its_requests_plainly_and_counts(adaptive_llm: LLM, stage: str) -> None:
+    """With the fault point sampler:<stage> on, every sampler fails in that stage of the real
+    engine: each request is still served, exactly as the same request without a sampler (its
+    plain twin), the greedy and plain requests beside it are as in a run without failures,
+    the engine keeps serving, and each failed request is counted once, under its sampler."""
+    prompts, batch, twins_batch = fault_batch()
+    reference = token_ids(adaptive_llm.generate(prompts, twins_batch))
+    sampled = token_ids(adaptive_llm.generate(prompts, batch))
+    assert sampled[: len(SAMPLER_ARGS)] != reference[: len(SAMPLER_ARGS)]  # samplers change tokens
+    before = failure_counts(adaptive_llm)
+    with injected(adaptive_llm, f"sampler:{stage}"):
+        outputs = adaptive_llm.generate(prompts, batch)
+    assert token_ids(outputs) == reference
+    after = failure_counts(adaptive_llm)
+    assert {kind: after[kind] - before.get(kind, 0) for kind in after if after[kind] != before.get(kind, 0)} == {
+        (name, stage): 1 for name in SAMPLER_ARGS
+    }
+    assert token_ids(adaptive_llm.generate(prompts, batch)) == sampled  # fault off: samplers back

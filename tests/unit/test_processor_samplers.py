@@ -2,7 +2,9 @@
 
 The batched functions are held to their float64 references in test_sampler_matrix.py; here the
 processor must route each request's row to the sampler it asked for, with its own parameters and
-temperature, and leave every other row bitwise as it was.
+temperature, and leave every other row bitwise as it was. Expected rows come from
+`reference.sampler_reference` (each sampler's float64 reference, arguments named there), never
+from the dispatch table the processor uses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-from vllm_adaptive.sampling import dispatch, typical
+from reference import sampler_reference
+from vllm_adaptive.sampling import typical
 from vllm_adaptive.sampling.params import SAMPLERS
 from vllm_adaptive.sampling.processor import AdaptiveLogitsProcessor
 
@@ -38,7 +41,7 @@ TEMPERATURE = {name: 0.6 + 0.1 * i for i, name in enumerate(REQUESTS)}
 
 
 def test_every_registered_sampler_is_covered() -> None:
-    assert set(REQUESTS) == set(SAMPLERS) == set(dispatch.ENTRIES)
+    assert set(REQUESTS) == set(SAMPLERS)
 
 
 def params_for(name: str) -> SamplingParams:
@@ -52,23 +55,25 @@ def batch_logits(rows: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=gen) * 3.0
 
 
+RESCALING = {"dynatemp", "edt"}  # rewrite finite logits; the others only mask tokens
+
+
 def expected_row(name: str, tempered: torch.Tensor) -> torch.Tensor:
-    """What the sampler makes of one tempered row [1, V], computed without the processor."""
-    entry = dispatch.ENTRIES[name]
-    row = tempered.clone()
-    values = {k: torch.tensor([float(v)]) for k, v in REQUESTS[name].items()}
-    full = {**{p.key: torch.tensor([float(p.parse(getattr(_defaults(), p.default_from)))])
-               for p in SAMPLERS[name]}, **values}
-    if entry.stateful:
-        full["mu"] = torch.tensor([2.0 * full["mirostat_tau"].item()])
-    entry.apply(row, full, torch.tensor([TEMPERATURE[name]]))
-    return row
+    """What the sampler must make of one tempered row [V] (float64 reference, mu = 2 tau)."""
+    return sampler_reference(name, tempered, REQUESTS[name], TEMPERATURE[name])
 
 
-def _defaults():  # noqa: ANN202
-    from vllm_adaptive.config import SamplingConfig
-
-    return SamplingConfig()
+def assert_row_matches(name: str, got: torch.Tensor, want: torch.Tensor, unscaled: torch.Tensor,
+                       scale: float) -> None:
+    """`got` (the processor's row) is the reference `want`: the same tokens kept, and the kept
+    logits either rescaled as the reference says (dynatemp, edt; `got / scale`) or bitwise
+    those of `unscaled`, the row the processor was given (masking samplers)."""
+    kept = want > NEG_INF
+    assert torch.equal(got > NEG_INF, kept), (name, int((got > NEG_INF).sum()), int(kept.sum()))
+    if name in RESCALING:
+        torch.testing.assert_close((got / scale).double(), want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got[kept], unscaled[kept]), name
 
 
 def mixed_batch() -> tuple[list[SamplingParams | None], list[str | None]]:
@@ -97,9 +102,9 @@ def test_v1_mixed_batch_gives_each_row_its_sampler() -> None:
         if name is None or name == "greedy":
             assert torch.equal(out[i], before[i]), i
             continue
-        expected = expected_row(name, before[i : i + 1])[0]
-        assert not torch.equal(expected, before[i]), f"{name} left its test row unchanged"
-        assert torch.equal(out[i], expected), name
+        expected = expected_row(name, before[i])
+        assert not torch.equal(expected, before[i].double()), f"{name} left its test row unchanged"
+        assert_row_matches(name, out[i], expected, before[i], 1.0)
         assert not torch.isnan(out[i]).any()
         assert out[i].argmax() == before[i].argmax(), name  # argmax-invariant, as declared
 
@@ -122,13 +127,8 @@ def test_v2_mixed_batch_applies_samplers_at_the_request_temperature() -> None:
             assert torch.equal(out[i], before[i]), i
             continue
         t = TEMPERATURE[name]
-        expected = expected_row(name, before[i : i + 1] / t)[0]
-        kept = expected > NEG_INF
-        assert torch.equal(out[i] > NEG_INF, kept), name
-        if dispatch.ENTRIES[name].rescales:
-            torch.testing.assert_close(out[i] / t, expected, rtol=1e-5, atol=1e-5)
-        else:  # masked entries only; the rest bitwise the unscaled input
-            assert torch.equal(out[i][kept], before[i][kept]), name
+        # masked entries only, the rest bitwise the unscaled input; rescaled rows divided by t
+        assert_row_matches(name, out[i], expected_row(name, before[i] / t), before[i], t)
 
 
 def test_a_failing_sampler_degrades_only_its_own_requests(monkeypatch: pytest.MonkeyPatch) -> None:

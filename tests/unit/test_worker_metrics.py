@@ -16,6 +16,7 @@ from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 from vllm_adaptive.speculative.policy import DraftLengthPolicy
 from vllm_adaptive.worker_metrics import (
     ENV_DIR,
+    SAMPLER,
     SPECULATIVE,
     SnapshotPublisher,
     WorkerMetricsCollector,
@@ -48,7 +49,8 @@ def test_two_workers_are_summed_into_histogram_counters_and_gauges(tmp_path: Pat
     write(tmp_path, "1", snapshot("specdec", [2, 1, 0, 3], [0, 0, 1, 3], draft_tokens=10, verified_tokens=8,
                                   accepted_tokens=6, draft_passes=9, rule_stops=3, cap_reached=3, failures=0, k=3))
     write(tmp_path, "2", snapshot("specdec", [0, 0, 4, 0], [0, 0, 2, 0], draft_tokens=8, verified_tokens=8,
-                                  accepted_tokens=2, draft_passes=4, rule_stops=0, cap_reached=4, failures=1, k=2))
+                                  accepted_tokens=2, draft_passes=4, rule_stops=0, cap_reached=4, failures=3, k=2,
+                                  failure_stages={"feedback": 0, "controller": 0, "stop_rule": 2, "finish": 0}))
     s = scrape(tmp_path)
     # Draft lengths 0..3: rows 2, 1, 4, 3 -> cumulative buckets 2, 3, 7, 10.
     assert s["vllm_adaptive:spec_draft_length_bucket{le=0.0}"] == 2
@@ -62,7 +64,10 @@ def test_two_workers_are_summed_into_histogram_counters_and_gauges(tmp_path: Pat
     assert s["vllm_adaptive:spec_accepted_draft_tokens_total{}"] == 8
     assert s["vllm_adaptive:spec_acceptance_rate{}"] == pytest.approx(0.5)
     assert s["vllm_adaptive:spec_draft_passes_total{}"] == 13
-    assert s["vllm_adaptive:spec_failures_total{}"] == 1
+    # By stage; worker 2 counted one failure under no stage (a worker that does not report them).
+    assert s["vllm_adaptive:spec_failures_total{stage=stop_rule}"] == 2
+    assert s["vllm_adaptive:spec_failures_total{stage=unknown}"] == 1
+    assert s["vllm_adaptive:spec_failures_total{stage=feedback}"] == 0
     assert s["vllm_adaptive:spec_draft_ends_total{reason=stop_rule,stop_rule=specdec}"] == 3
     assert s["vllm_adaptive:spec_draft_ends_total{reason=cap,stop_rule=specdec}"] == 7
     assert s["vllm_adaptive:spec_controller_decisions_total{k=2}"] == 3
@@ -123,3 +128,37 @@ def test_specdec_threshold_gauge_is_the_smallest_over_workers(tmp_path: Path) ->
         payload["specdec_threshold"] = theta
         write(tmp_path, name, payload)
     assert scrape(tmp_path)["vllm_adaptive:spec_specdec_threshold{}"] == pytest.approx(0.75)
+
+
+def sampler_snapshot(**failed: int) -> dict:
+    """A sampler processor's snapshot: every (sampler, stage) at zero unless `failed` names it
+    as sampler__stage=requests."""
+    rows = {("typical", "update_state"): 0, ("typical", "apply"): 0,
+            ("mirostat_v2", "update_state"): 0, ("mirostat_v2", "apply"): 0}
+    for key, requests in failed.items():
+        sampler, stage = key.split("__")
+        rows[(sampler, stage)] = requests
+    return {"runner_interface": "v1", "failures": [
+        {"sampler": sampler, "stage": stage, "requests": requests} for (sampler, stage), requests in rows.items()
+    ]}
+
+
+def test_sampler_failures_are_summed_over_workers_by_sampler_and_stage(tmp_path: Path) -> None:
+    (tmp_path / f"{SAMPLER}-1.json").write_text(json.dumps(sampler_snapshot(typical__apply=2)))
+    (tmp_path / f"{SAMPLER}-2.json").write_text(
+        json.dumps(sampler_snapshot(typical__apply=1, mirostat_v2__update_state=4)))
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:sampler_failures_total{sampler=typical,stage=apply}"] == 3
+    assert s["vllm_adaptive:sampler_failures_total{sampler=mirostat_v2,stage=update_state}"] == 4
+    assert s["vllm_adaptive:sampler_failures_total{sampler=typical,stage=update_state}"] == 0
+    assert s["vllm_adaptive:sampler_failures_total{sampler=mirostat_v2,stage=apply}"] == 0
+    assert not any(name.startswith("vllm_adaptive:spec_") for name in s)  # no proposer here
+
+
+def test_sampler_and_speculative_snapshots_share_the_folder(tmp_path: Path) -> None:
+    write(tmp_path, "1", snapshot("none", [1], [1], draft_tokens=0, failures=2))
+    (tmp_path / f"{SAMPLER}-1.json").write_text("{not json")  # a bad sampler file is skipped
+    (tmp_path / f"{SAMPLER}-2.json").write_text(json.dumps(sampler_snapshot(typical__update_state=5)))
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:spec_failures_total{stage=unknown}"] == 2  # a snapshot without stages
+    assert s["vllm_adaptive:sampler_failures_total{sampler=typical,stage=update_state}"] == 5

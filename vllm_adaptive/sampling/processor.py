@@ -13,11 +13,22 @@ before temperature, so there the processor divides by the request's temperature 
 the sampler, and hands back the unscaled row (masked samplers: the same entries masked; dynamic
 temperature: the new row times the request's temperature, which vLLM then divides out).
 
-Per-request state (Mirostat's mu) lives in `_RequestState`, found through the request's
-`SamplingParams` object, which the runner keeps for a request's whole life, preemptions
-included: a state parked when its request leaves the batch comes back when it returns, and is
-dropped when the request's params are freed. A failure inside a sampler degrades the affected
-requests to plain sampling, is logged and counted, and never reaches the engine.
+Per-request state (Mirostat's mu) lives in `_RequestState`. On the V1 runner it is found through
+the request's `SamplingParams` object, which that runner keeps for a request's whole life,
+preemptions included: a state parked when its request leaves the batch comes back when it
+returns (with the update owed for the token sampled last), and is dropped when the request's
+params are freed. Model Runner V2 does not keep Mirostat state across preemption: it frees a
+preempted request's slot without telling processors and re-adds the request like a new one
+(`add_request(slot, params)`, with nothing that identifies it as the same request in every
+executor), so a resumed request's mu starts again at 2 * tau.
+
+Failures: every path vLLM calls per request or per step (`update_state`, `add_request`,
+`apply_staged_writes`, `apply`) catches its own exceptions. A failure degrades the affected
+requests to plain sampling for the rest of their lives (their logits rows are left as vLLM made
+them, from the failing step on), is counted per sampler and stage (`failure_counts`, on a
+server `vllm_adaptive:sampler_failures_total`) and logged once per sampler and stage, and never
+reaches the engine. The fault points `sampler:update_state` and `sampler:apply` of
+`vllm_adaptive.faults` make those paths fail on purpose, for tests.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +45,7 @@ from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1Logit
 
 from vllm_adaptive import metrics
 from vllm_adaptive.config import AdaptiveConfig, SamplingConfig
+from vllm_adaptive.faults import injected_faults, raise_if_injected
 from vllm_adaptive.sampling import mirostat
 from vllm_adaptive.sampling.dispatch import ENTRIES, SamplerEntry
 from vllm_adaptive.sampling.params import (
@@ -41,6 +53,7 @@ from vllm_adaptive.sampling.params import (
     SamplerRequest,
     parse_sampler_request,
 )
+from vllm_adaptive.worker_metrics import SAMPLER, SnapshotPublisher
 
 try:  # Model Runner V2's interface (vLLM >= 0.32); absent on older versions.
     from vllm.v1.worker.gpu.sample.logits_processor.interface import (
@@ -56,6 +69,16 @@ logger = logging.getLogger(__name__)
 
 # Below this temperature vLLM samples greedily; sampler state is not tracked for such rows.
 _GREEDY_TEMPERATURE = 1e-5
+
+# Fault points (vllm_adaptive.faults): a request's admission into the processor (V1
+# update_state, MRV2 add_request), and a sampler group's step in apply.
+UPDATE_FAULT = "sampler:update_state"
+APPLY_FAULT = "sampler:apply"
+
+# The stages a failure is counted under, per runner interface: the vLLM method it happened in.
+STAGES = {"v1": ("update_state", "apply"), "v2": ("add_request", "apply")}
+# The sampler label of a failure that cannot be told apart by request.
+UNKNOWN_SAMPLER = "unknown"
 
 
 @dataclasses.dataclass
@@ -93,20 +116,19 @@ def _new_state(request: SamplerRequest, params: Any, output_ids: list[int] | Non
 
 
 class _StateBook:
-    """States by row (V1 batch index or V2 slot), plus states parked by their params object."""
+    """States by row (V1 batch index or V2 slot); states parked, and requests whose sampler
+    failed, by their params object (for as long as that object lives)."""
 
     def __init__(self) -> None:
         self.active: dict[int, _RequestState] = {}
         self._parked: dict[int, _RequestState] = {}
+        self._failed: dict[int, weakref.ReferenceType[Any]] = {}
+        self.resumed = 0  # parked states that came back with their request
 
-    def park(self, row: int, saved: Callable[[_RequestState], None]) -> None:
-        state = self.active.pop(row, None)
-        if state is None:
-            return
+    def park(self, state: _RequestState) -> None:
         params = state.params_ref()
         if params is None:
             return
-        saved(state)
         key = id(params)
         self._parked[key] = state
         weakref.finalize(params, self._parked.pop, key, None)
@@ -114,8 +136,29 @@ class _StateBook:
     def resume(self, params: Any) -> _RequestState | None:
         state = self._parked.pop(id(params), None)
         if state is not None and state.params_ref() is params:
+            self.resumed += 1
             return state
         return None
+
+    def parked(self) -> list[_RequestState]:
+        return list(self._parked.values())
+
+    def mark_failed(self, params: Any) -> None:
+        """Serve this request plainly for the rest of its life, preemptions included."""
+        key = id(params)
+        self._parked.pop(key, None)
+        self._failed[key] = weakref.ref(params)
+        weakref.finalize(params, self._failed.pop, key, None)
+
+    def has_failed(self, params: Any) -> bool:
+        ref = self._failed.get(id(params))
+        return ref is not None and ref() is params
+
+    def drop(self, states: Iterable[_RequestState]) -> None:
+        """Remove these states from every row they occupy."""
+        gone = {id(s) for s in states}
+        for row in [row for row, s in self.active.items() if id(s) in gone]:
+            del self.active[row]
 
 
 class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ignore[misc]
@@ -125,7 +168,6 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         config = AdaptiveConfig.from_vllm_config(vllm_config) or AdaptiveConfig()
         self.config: AdaptiveConfig = config
         self.sampling_defaults: SamplingConfig = config.sampling
-        self.failures = 0
         self._book = _StateBook()
         # Rows masked by the latest step, kept to measure the surprise of what gets sampled.
         self._prev_rows: torch.Tensor | None = None
@@ -141,6 +183,14 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
                 "AdaptiveLogitsProcessor(vllm_config, device, is_pin_memory) for the V1 runner or "
                 f"(vllm_config, req_states) for Model Runner V2; got {1 + len(args)} arguments"
             )
+        # Requests degraded to plain sampling, by (sampler, stage); every pair starts at zero.
+        self._failures: dict[tuple[str, str], int] = {
+            (name, stage): 0 for name in ENTRIES for stage in STAGES[self.runner_interface]
+        }
+        self._logged_failures: set[tuple[str, str]] = set()
+        self._invalid_args_logged = False
+        injected_faults()  # a misspelt fault point stops the engine here, at start-up
+        self._publisher = self._start_publisher()
 
     # ---- admission (API server process) -------------------------------------------------
 
@@ -168,38 +218,131 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         if config is None or config.metrics.enabled:
             metrics.count_request(request.name if request else "none")
 
+    # ---- failures -----------------------------------------------------------------------
+
+    @property
+    def failures(self) -> int:
+        """Requests degraded to plain sampling since the processor was built."""
+        return sum(self._failures.values())
+
+    def failure_counts(self) -> dict[tuple[str, str], int]:
+        """Requests degraded to plain sampling, by (sampler, stage), zeros included."""
+        return dict(self._failures)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What the worker publishes for `/metrics` (vllm_adaptive.worker_metrics): plain data."""
+        return {
+            "runner_interface": self.runner_interface,
+            "failures": [
+                {"sampler": name, "stage": stage, "requests": count}
+                for (name, stage), count in sorted(self.failure_counts().items())
+            ],
+        }
+
+    def worker_state(self) -> dict[str, Any]:
+        """Plain data for `vllm_adaptive.introspection`: the config, requests and failures."""
+        return {
+            "runner_interface": self.runner_interface,
+            "config": self.config.to_dict(),
+            "active_requests": len(self._book.active),
+            "parked_requests": len(self._book.parked()),
+            "resumed_requests": self._book.resumed,
+            "failures": self.failures,
+            "failure_counts": self.metrics_snapshot()["failures"],
+        }
+
+    def _start_publisher(self) -> SnapshotPublisher | None:
+        try:
+            publisher = SnapshotPublisher.from_environment(SAMPLER, self.metrics_snapshot)
+        except Exception:  # metrics must not stop the engine
+            logger.exception("vllm-adaptive: sampler failures will not appear on /metrics")
+            return None
+        if publisher is not None:
+            publisher.touch()  # publish the zeros: the counters exist before a first failure
+        return publisher
+
+    def _fail(self, stage: str, states: Sequence[_RequestState], names: Sequence[str] = ()) -> None:
+        """Serve `states`' requests plainly from now on; count and log the failure (called from
+        an `except` block: logs its traceback the first time per sampler and stage)."""
+        try:
+            self._book.drop(states)
+            for state in states:
+                state.pending_index, state.saved_row = None, None
+                params = state.params_ref()
+                if params is not None:
+                    self._book.mark_failed(params)
+            labels = [s.request.name for s in states] + list(names)
+            for name in labels:
+                self._failures[(name, stage)] = self._failures.get((name, stage), 0) + 1
+            for name in sorted(set(labels)):
+                kind = (name, stage)
+                count = labels.count(name)
+                if kind in self._logged_failures:
+                    logger.debug("vllm-adaptive: sampler %s failed in %s on %d more request(s)",
+                                 name, stage, count)
+                    continue
+                self._logged_failures.add(kind)
+                logger.exception(
+                    "vllm-adaptive: sampler %s failed in %s on %d request(s); they continue with "
+                    "plain sampling (logged once per sampler and stage; counted in "
+                    "vllm_adaptive:sampler_failures_total)", name, stage, count,
+                )
+            if self._publisher is not None:
+                self._publisher.touch()
+        except Exception:  # noqa: BLE001 - bookkeeping of a failure must not fail the engine
+            logger.debug("vllm-adaptive: could not record a sampler failure", exc_info=True)
+
     # ---- V1 runner interface ------------------------------------------------------------
 
     def is_argmax_invariant(self) -> bool:
         return True
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Follow the persistent batch: removed, then added, then moved (vLLM's order of events).
+
+        A request that leaves the batch (finished or preempted) is not always in `removed`: vLLM
+        lists only the indices nothing else took, so a leaving request's index may come back as
+        the index of an added request or as the target of a one-way move. Its state is parked in
+        all three cases.
+        """
         if batch_update is None:
             return
-        for row in batch_update.removed:
-            self._book.park(row, self._save_pending)
-        for row, params, _prompt_ids, output_ids in batch_update.added:
-            self._book.park(row, self._save_pending)
-            state = self._admit(params, output_ids)
-            if state is not None:
-                self._book.active[row] = state
-        for a, b, direction in batch_update.moved:
-            state_a = self._book.active.pop(a, None)
-            state_b = self._book.active.pop(b, None)
-            if state_a is not None:
-                self._book.active[b] = state_a
-            if direction == MoveDirectionality.SWAP and state_b is not None:
-                self._book.active[a] = state_b
+        try:
+            for row in batch_update.removed:
+                self._park(row)
+            for row, params, _prompt_ids, output_ids in batch_update.added:
+                self._park(row)
+                state = self._admit(params, output_ids, "update_state")
+                if state is not None:
+                    self._book.active[row] = state
+            for a, b, direction in batch_update.moved:
+                state_a = self._book.active.pop(a, None)
+                if direction == MoveDirectionality.SWAP:
+                    state_b = self._book.active.pop(b, None)
+                    if state_b is not None:
+                        self._book.active[a] = state_b
+                else:  # a -> b fills the index of a request that left the batch (not in removed)
+                    self._park(b)
+                if state_a is not None:
+                    self._book.active[b] = state_a
+        except Exception:  # outside any one request: rows and states may no longer match
+            self._fail("update_state", list(self._book.active.values()))
+            self._book.active.clear()
 
     # ---- Model Runner V2 interface ------------------------------------------------------
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
-        self._book.active.pop(req_idx, None)  # slots are recycled: drop the previous occupant
-        state = self._admit(sampling_params, None)
-        if state is not None and state.temperature >= _GREEDY_TEMPERATURE:
+        try:
+            self._book.active.pop(req_idx, None)  # slots are recycled: drop the previous occupant
+            state = self._admit(sampling_params, None, "add_request")
+            if state is None:
+                return False
             self._book.active[req_idx] = state
             return True
-        return False
+        except Exception:
+            self._book.active.pop(req_idx, None)
+            self._fail("add_request", [], [UNKNOWN_SAMPLER])
+            return False
 
     def apply_staged_writes(self) -> None:
         return None
@@ -209,6 +352,61 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self._book.active:
             return logits
+        try:
+            self._apply_step(logits, ctx)
+        except Exception:  # outside any one sampler group
+            self._fail("apply", list(self._book.active.values()))
+            self._prev_rows = self._prev_lse = None
+        return logits
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _park(self, row: int) -> None:
+        """The request at `row` leaves the batch: keep its state for when it comes back."""
+        state = self._book.active.pop(row, None)
+        if state is None:
+            return
+        try:
+            self._save_pending(state)
+            self._book.park(state)
+        except Exception:
+            self._fail("update_state", [state])
+
+    def _admit(self, params: Any, output_ids: list[int] | None, stage: str) -> _RequestState | None:
+        """The state of a request entering the batch, or None to serve it plainly."""
+        if params is None:
+            return None
+        name = UNKNOWN_SAMPLER
+        try:
+            if self._book.has_failed(params):
+                return None
+            resumed = self._book.resume(params)
+            if resumed is not None:
+                resumed.output_ids = output_ids
+                return resumed
+            try:
+                request = parse_sampler_request(params.extra_args, self.sampling_defaults)
+            except SamplerParamError:
+                # Admission validates first; reaching here means a caller skipped it.
+                if not self._invalid_args_logged:
+                    self._invalid_args_logged = True
+                    logger.warning("vllm-adaptive: invalid sampler arguments reached the worker; "
+                                   "those requests are sampled plainly (logged once)")
+                return None
+            if request is None or float(params.temperature) < _GREEDY_TEMPERATURE:
+                return None  # greedy rows take the argmax, which every sampler keeps
+            name = request.name
+            raise_if_injected(UPDATE_FAULT)
+            return _new_state(request, params, output_ids)
+        except Exception:
+            self._fail(stage, [], [name])
+            try:
+                self._book.mark_failed(params)
+            except Exception:  # noqa: BLE001 - a params object without weak references
+                pass
+            return None
+
+    def _apply_step(self, logits: torch.Tensor, ctx: Any) -> None:
         rows = self._rows_this_step(logits, ctx)
         stateful = [r for r in rows if ENTRIES[r.state.request.name].stateful]
         if stateful and not self._guarded(stateful, self._observe_sampled_tokens, stateful)[0]:
@@ -237,26 +435,6 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
             self._prev_lse = saved_lse[0] if len(saved_lse) == 1 else torch.cat(saved_lse)
         else:
             self._prev_rows = self._prev_lse = None
-        return logits
-
-    # ---- internals ----------------------------------------------------------------------
-
-    def _admit(self, params: Any, output_ids: list[int] | None) -> _RequestState | None:
-        if params is None:
-            return None
-        resumed = self._book.resume(params)
-        if resumed is not None:
-            resumed.output_ids = output_ids
-            return resumed
-        try:
-            request = parse_sampler_request(params.extra_args, self.sampling_defaults)
-        except SamplerParamError:
-            # Admission validates first; reaching here means a caller skipped it. Serve plainly.
-            logger.warning("vllm-adaptive: invalid sampler arguments reached the worker; ignored")
-            return None
-        if request is None or float(params.temperature) < _GREEDY_TEMPERATURE:
-            return None  # greedy rows take the argmax, which every sampler keeps
-        return _new_state(request, params, output_ids)
 
     def _rows_this_step(self, logits: torch.Tensor, ctx: Any) -> list[_Row]:
         """Every logits row an adaptive sampler applies to this step."""
@@ -331,19 +509,10 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         them as they were.
         """
         try:
-            result = fn(*args)
+            return True, fn(*args)
         except Exception:  # a policy failure must never take the engine down
-            self.failures += 1
-            names = sorted({r.state.request.name for r in rows})
-            logger.exception(
-                "vllm-adaptive: sampler %s failed on %d request(s); they continue with plain "
-                "sampling", ", ".join(names), len(rows)
-            )
-            for r in rows:
-                self._book.active.pop(r.slot, None)
-                r.state.pending_index, r.state.saved_row = None, None
+            self._fail("apply", list({id(r.state): r.state for r in rows}.values()))
             return False, None
-        return True, result
 
     @staticmethod
     def _group_params(group: list[_Row], entry: SamplerEntry, device: torch.device) -> dict[str, torch.Tensor]:
@@ -374,6 +543,7 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
             and all(r.row == i for i, r in enumerate(group))
         )
         if whole_batch:
+            raise_if_injected(APPLY_FAULT)
             entry.apply(logits, self._group_params(group, entry, device), t0)
             return None
         index = torch.tensor([r.row for r in group], device=device)
@@ -389,6 +559,7 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
             out = scaled * t0.unsqueeze(-1)
         else:
             out = selected.masked_fill(scaled == float("-inf"), float("-inf"))
+        raise_if_injected(APPLY_FAULT)  # the sampler has run; its rows are not written yet
         logits.index_copy_(0, index, out.to(logits.dtype))
         if kept_lse is None:
             return None
