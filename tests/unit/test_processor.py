@@ -120,14 +120,19 @@ def test_preempted_request_resumes_with_its_mu_and_pending_update() -> None:
     proc.update_state(update(added=[(0, params, None, outputs)], size=1))
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125] + [1e-9] * (VOCAB - 4)]))
     proc.apply(logits.clone())
-    outputs.append(0)  # sampled 1-bit token, then the request is preempted
+    outputs.append(0)  # sampled a 1-bit token: mu 4 -> 4.5
+    proc.update_state(None)
+    proc.apply(logits.clone())
+    assert proc._book.active[0].mu == pytest.approx(4.5, abs=1e-3)
+    outputs.append(2)  # sampled a 3-bit token, then the request is preempted
     proc.update_state(update(removed=[0], size=0))
     assert not proc._book.active
     other = v1_processor()  # unrelated traffic in between must not matter
     other.apply(peaked_logits(2))
     proc.update_state(update(added=[(3, params, None, outputs)], size=4))  # back, at another row
     proc.apply(torch.cat([peaked_logits(3), logits]).clone())
-    assert proc._book.active[3].mu == pytest.approx(4.0 - 0.5 * (1.0 - 2.0), abs=1e-3)
+    # mu carries on from 4.5 with the update owed for the 3-bit token (a reset would give 3.5)
+    assert proc._book.active[3].mu == pytest.approx(4.5 - 0.5 * (3.0 - 2.0), abs=1e-3)
 
 
 def test_request_displaced_by_a_one_way_move_is_parked_and_resumes() -> None:
@@ -141,12 +146,15 @@ def test_request_displaced_by_a_one_way_move_is_parked_and_resumes() -> None:
                                     (2, mirostat_params(tau=9.0), None, [])], size=3))
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125] + [1e-9] * (VOCAB - 4)]))
     proc.apply(logits.repeat(3, 1))
-    outputs.append(0)  # sampled a 1-bit token, then preempted; request 2 takes its index
+    outputs.append(0)  # sampled a 1-bit token: mu 4 -> 4.5
+    proc.update_state(None)
+    proc.apply(logits.repeat(3, 1))
+    outputs.append(2)  # sampled a 3-bit token, then preempted; request 2 takes its index
     proc.update_state(update(moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)], size=2))
     assert proc._book.active[0].request.values["mirostat_tau"] == 9.0
     proc.update_state(update(added=[(2, params, None, outputs)], size=3))  # resumed
     proc.apply(logits.repeat(3, 1))
-    assert proc._book.active[2].mu == pytest.approx(4.0 - 0.5 * (1.0 - 2.0), abs=1e-3)
+    assert proc._book.active[2].mu == pytest.approx(4.5 - 0.5 * (3.0 - 2.0), abs=1e-3)
 
 
 def test_finished_request_state_is_freed() -> None:
