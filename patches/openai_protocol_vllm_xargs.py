@@ -53,10 +53,16 @@ _VALIDATOR = BeforeValidator(check_adaptive_xargs)
 
 
 def apply() -> None:
-    from vllm_adaptive.plugin import asks_for_plugin
-
-    if asks_for_plugin(sys.argv):
+    if _asks_for_plugin(sys.argv):
         check_raw_values()
+
+
+def _asks_for_plugin(argv: list[str]) -> bool:
+    """Whether the command line has `--plugin adaptive` (or `--plugin=adaptive`)."""
+    from vllm_adaptive.plugin import PLUGIN_NAME
+
+    pairs = zip(argv, argv[1:])
+    return f"--plugin={PLUGIN_NAME}" in argv or ("--plugin", PLUGIN_NAME) in pairs
 
 
 def check_raw_values() -> None:
