@@ -29,6 +29,12 @@ def apply() -> None:
     importlib.metadata.version = version  # type: ignore[assignment]
 
 
+def revert() -> None:
+    original = getattr(importlib.metadata.version, _MARK, None)
+    if original is not None:
+        importlib.metadata.version = original  # type: ignore[assignment]
+
+
 def needed() -> bool:
     """True where the `vllm` import package comes from a distribution not named `vllm`."""
     try:

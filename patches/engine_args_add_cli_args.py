@@ -65,6 +65,13 @@ def apply() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
 
 
+def revert() -> None:
+    current = EngineArgs.__dict__["add_cli_args"]
+    original = getattr(current.__func__, _MARK, None)
+    if original is not None:
+        EngineArgs.add_cli_args = staticmethod(original)  # type: ignore[method-assign]
+
+
 def check_contract() -> None:
     from vllm_adaptive.patches import PatchContractError
 

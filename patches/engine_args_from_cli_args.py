@@ -62,6 +62,13 @@ def apply() -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign,assignment]
 
 
+def revert() -> None:
+    current = EngineArgs.__dict__["from_cli_args"]
+    original = getattr(current.__func__, _MARK, None)
+    if original is not None:
+        EngineArgs.from_cli_args = classmethod(original)  # type: ignore[method-assign,assignment]
+
+
 def check_contract() -> None:
     from vllm_adaptive.patches import PatchContractError
 

@@ -43,23 +43,26 @@ _hook: _AfterImport | None = None
 
 
 def rebind(module: ModuleType) -> None:
-    """Point `module.DraftModelProposer` at our subclass (once). Never raises: it runs inside
-    the import of vLLM's runner, in engines that may not use the plugin at all."""
+    """Point `module.DraftModelProposer` at our subclass (once), if the contract holds. Never
+    raises: it runs inside the import of vLLM's runner, in engines that may not use the plugin.
+    A contract that does not hold leaves vLLM's proposer in place and is recorded
+    (vllm_adaptive.patches.failures), so that a deployment asking for adaptive drafting stops."""
+    from vllm_adaptive.patches import PATCHES, record_failure
+
+    spec = next(s for s in PATCHES if s.module == __name__.rsplit(".", 1)[-1])
     try:
         current = getattr(module, SYMBOL)
         if _MARK in vars(current):
             return
+        check_contract()
         from vllm_adaptive.speculative.proposer import AdaptiveDraftModelProposer
 
         if AdaptiveDraftModelProposer.__mro__[1] is not current:
             raise RuntimeError(f"{RUNNER_MODULE}.{SYMBOL} is {current!r}, not our base class")
         setattr(AdaptiveDraftModelProposer, _MARK, current)
         setattr(module, SYMBOL, AdaptiveDraftModelProposer)
-    except Exception:
-        logger.exception(
-            "vllm-adaptive: could not install the adaptive draft-model proposer; vLLM's own "
-            "proposer stays, and speculative.enabled has no effect in this process"
-        )
+    except Exception as e:  # noqa: BLE001 - never into vLLM's import
+        record_failure(spec, e)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -113,6 +116,20 @@ def apply() -> None:
         if _hook is None:
             _hook = _AfterImport(RUNNER_MODULE, rebind)
             sys.meta_path.insert(0, _hook)
+
+
+def revert() -> None:
+    """Take the import hook out, or point the global back at vLLM's class."""
+    global _hook
+    with _lock:
+        if _hook is not None and _hook in sys.meta_path:
+            sys.meta_path.remove(_hook)
+        _hook = None
+    module = sys.modules.get(RUNNER_MODULE)
+    current = getattr(module, SYMBOL, None) if module is not None else None
+    if current is not None and _MARK in vars(current):
+        setattr(module, SYMBOL, vars(current)[_MARK])
+        delattr(current, _MARK)
 
 
 def _calls_inside_with(function: Callable[..., Any], callee: str) -> tuple[int, int]:

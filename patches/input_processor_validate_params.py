@@ -68,6 +68,12 @@ def apply() -> None:
     InputProcessor._validate_params = _validate_params  # type: ignore[method-assign]
 
 
+def revert() -> None:
+    original = getattr(InputProcessor.__dict__["_validate_params"], _MARK, None)
+    if original is not None:
+        InputProcessor._validate_params = original  # type: ignore[method-assign]
+
+
 def check_contract() -> None:
     from vllm_adaptive.patches import PatchContractError
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+# The vLLM releases whose internals every patch below was checked against (contract tests).
+SUPPORTED_VLLM = "0.32.x"
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchSpec:
@@ -15,6 +18,9 @@ class PatchSpec:
     how: str
     upstream: str
     removal: str
+    # False: the contract is checked before the stage is applied (in every process, so it must be
+    # cheap). True: the patch waits for its target module to be imported and checks then.
+    contract_on_import: bool = False
 
 
 PATCHES: tuple[PatchSpec, ...] = (
@@ -158,5 +164,6 @@ PATCHES: tuple[PatchSpec, ...] = (
             "When vLLM offers a proposer registry or per-step draft hooks, or when Model Runner V2 "
             "is the only runner (the logic then moves to its speculator)."
         ),
+        contract_on_import=True,
     ),
 )

@@ -11,10 +11,10 @@ what it needs.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-
 
 
 def _require_vllm() -> None:
@@ -34,11 +34,24 @@ if TYPE_CHECKING:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: add `--plugin adaptive` to vLLM's CLI (nothing else)."""
-    _require_vllm()
-    from vllm_adaptive.plugin import register_plugin
+    """vLLM general-plugin entry point: add `--plugin adaptive` to vLLM's CLI (nothing else).
 
-    register_plugin()
+    vLLM calls it without a `try` in every process, so it never raises into vLLM: a failure is
+    logged and leaves vLLM as it was. The one exception is deliberate: a command line that asks
+    for the plugin (`--plugin adaptive`) on a vLLM the plugin does not fit stops with a
+    SystemExit whose message names the patch that does not fit.
+    """
+    try:
+        _require_vllm()
+        from vllm_adaptive.plugin import register_plugin
+
+        register_plugin()
+    except SystemExit:
+        raise
+    except Exception:  # noqa: BLE001 - never into vLLM's plugin loader
+        logging.getLogger(__name__).exception(
+            "vllm-adaptive: registration failed; vLLM runs without the plugin in this process"
+        )
 
 
 def engine_kwargs(

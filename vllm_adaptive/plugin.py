@@ -13,6 +13,7 @@ off (vllm_adaptive.speculative.compatibility).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,15 +32,55 @@ _registered = False
 _frontend_config: AdaptiveConfig | None = None
 
 
+class PluginUnavailableError(RuntimeError):
+    """The installed vLLM does not match one of the plugin's patches; the message names it."""
+
+
 def register_plugin() -> None:
+    """Apply the general-plugin patches (all or none). Where vLLM does not match them, plain
+    vLLM keeps working, and a command line that asks for the plugin stops here with the
+    message that names the patch."""
     global _registered
     with _lock:
         if _registered:
             return
         from vllm_adaptive.patches import apply_patches
 
-        apply_patches("general_plugin")
+        found = apply_patches("general_plugin")
         _registered = True
+    if found and asks_for_plugin(sys.argv):
+        raise SystemExit(found[0].message())
+
+
+def asks_for_plugin(argv: list[str]) -> bool:
+    """Whether a command line opts in with `--plugin adaptive` (or `--plugin=adaptive`)."""
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv) and argv[i + 1] == PLUGIN_NAME:
+            return True
+        if arg == f"--plugin={PLUGIN_NAME}":
+            return True
+    return False
+
+
+def check_available(speculative: bool = False) -> None:
+    """Raise PluginUnavailableError when a patch the deployment needs was not applied.
+
+    With `speculative`, the adaptive proposer's contract (checked in workers when they import
+    vLLM's runner) is checked here too, so the deployment stops before its engine starts.
+    """
+    from vllm_adaptive.patches import PATCHES, failures, load, record_failure
+
+    register_plugin()
+    if speculative:
+        for spec in PATCHES:
+            if spec.contract_on_import:
+                try:
+                    load(spec).check_contract()
+                except Exception as e:  # noqa: BLE001 - any mismatch
+                    record_failure(spec, e)
+    found = failures()
+    if found:
+        raise PluginUnavailableError(found[0].message())
 
 
 def frontend_config() -> AdaptiveConfig | None:
@@ -69,6 +110,7 @@ def engine_kwargs(
     """Engine arguments that turn the plugin on; other engine arguments pass through."""
     global _frontend_config
     adaptive = load_config(config)
+    check_available(speculative=adaptive.speculative.enabled)
     merged_additional = dict(additional_config or {})
     merged_additional[ADDITIONAL_CONFIG_KEY] = adaptive.to_dict()
     processors = list(logits_processors or [])
