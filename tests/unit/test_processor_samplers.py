@@ -149,3 +149,25 @@ def test_a_failing_sampler_degrades_only_its_own_requests(monkeypatch: pytest.Mo
     assert set(proc._book.active) == {1}
     proc.apply(batch_logits(2))  # the next step runs without the failed request
     assert proc.failures == 1
+
+
+def test_apply_fault_on_a_whole_batch_of_one_sampler_leaves_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row one stateless sampler: the processor works on the logits in place, so the fault
+    point sits before the sampler writes; the failed rows stay exactly as vLLM made them."""
+    from vllm_adaptive.faults import FAULT_INJECT_ENV, injected_faults
+
+    proc = AdaptiveLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    added = [(i, params_for("typical"), None, []) for i in range(3)]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
+    monkeypatch.setenv(FAULT_INJECT_ENV, "sampler:apply")
+    injected_faults.cache_clear()
+    try:
+        logits = batch_logits(3)
+        before = logits.clone()
+        out = proc.apply(logits)
+    finally:
+        monkeypatch.delenv(FAULT_INJECT_ENV)
+        injected_faults.cache_clear()
+    assert torch.equal(out, before)
+    assert proc.failure_counts()[("typical", "apply")] == 3 and not proc._book.active
+    assert torch.equal(proc.apply(logits), before)  # the next step too
