@@ -334,6 +334,17 @@ def test_mean_surprise_converges_to_tau_in_a_sampling_loop() -> None:
         assert abs(sum(surprises) / len(surprises) - tau) < 0.5, tau
 
 
+def test_admission_check_that_breaks_admits_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the admission check (not a bad argument) must not refuse or fail the request:
+    the worker parses again under its own guard and serves it plainly if that fails too."""
+    with monkeypatch.context() as patch:
+        patch.setattr("vllm_adaptive.sampling.processor.parse_sampler_request", broken)
+        AdaptiveLogitsProcessor.validate_params(mirostat_params(tau=2.0))
+    with monkeypatch.context() as patch:
+        patch.setattr("vllm_adaptive.metrics.count_request", broken)
+        AdaptiveLogitsProcessor.validate_params(mirostat_params(tau=2.0))  # counting failed: admitted
+
+
 # ---- Model Runner V2 interface ----------------------------------------------------------
 
 

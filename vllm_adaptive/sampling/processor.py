@@ -81,6 +81,24 @@ STAGES = {"v1": ("update_state", "apply"), "v2": ("add_request", "apply")}
 UNKNOWN_SAMPLER = "unknown"
 
 
+_logged_once: set[str] = set()
+
+
+def _log_once(kind: str, message: str) -> None:
+    """Log `message` with the current exception the first time `kind` happens in this process."""
+    if kind not in _logged_once:
+        _logged_once.add(kind)
+        logger.exception(message)
+
+
+def _count(counter: Callable[[str], None], label: str) -> None:
+    """Count at admission; a metrics failure never refuses or fails the request."""
+    try:
+        counter(label)
+    except Exception:  # noqa: BLE001
+        _log_once("metrics", "vllm-adaptive: counting a request on /metrics failed (logged once)")
+
+
 @dataclasses.dataclass
 class _RequestState:
     request: SamplerRequest
@@ -204,8 +222,13 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
         try:
             request = parse_sampler_request(sampling_params.extra_args)
         except SamplerParamError as e:
-            metrics.count_rejected(e.parameter)
+            _count(metrics.count_rejected, e.parameter)
             raise VLLMValidationError(str(e), parameter=e.parameter, value=e.value) from None
+        except Exception:  # a bug, not the request's fault: the worker parses again, guarded
+            _log_once("validate_params", "vllm-adaptive: checking a request's sampler arguments "
+                      "failed; the request is admitted and the worker serves it plainly if its own "
+                      "parse fails too (logged once)")
+            return
         config = plugin.frontend_config()
         if request is not None and config is not None and not config.sampling.enabled:
             metrics.count_rejected("adaptive_sampler")
@@ -216,7 +239,7 @@ class AdaptiveLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ig
                 value=request.name,
             )
         if config is None or config.metrics.enabled:
-            metrics.count_request(request.name if request else "none")
+            _count(metrics.count_request, request.name if request else "none")
 
     # ---- failures -----------------------------------------------------------------------
 
