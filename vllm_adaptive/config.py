@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vllm_adaptive.errors import ConfigError
-from vllm_adaptive.sampling.param_spec import as_number
+from vllm_adaptive.sampling.param_spec import as_number, shown
 from vllm_adaptive.sampling.registry import PARAMS_BY_KEY
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 
@@ -34,7 +34,7 @@ def _check_sampling_config(self: Any) -> None:
         value = getattr(self, param.default_from)
         number = as_number(value)
         if number is None or not param.contains(number):
-            raise ConfigError(f"{param.default_from} must be a number in {param.interval()}, got {value!r}")
+            raise ConfigError(f"{param.default_from} must be a number in {param.interval()}, got {shown(value)}")
 
 
 # Per-request samplers (chosen with `vllm_xargs: {"adaptive_sampler": ...}`): `enabled` (whether
