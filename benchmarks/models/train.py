@@ -3,6 +3,8 @@
     python -m benchmarks.models.train                    # both (cached after the first run)
     python -m benchmarks.models.train --model target --print-path   # for scripts: the folder only
     python -m benchmarks.models.train --check 100        # plus a quick held-out accuracy check
+    python -m benchmarks.models.train --verify           # `make train`: vLLM figures vs the shipped pair
+    python -m benchmarks.models.train --verify --ship    # write the trained pair into models/
 
 Each model is a Llama (`benchmarks.models.llama`) trained from scratch on the task mixture of
 `benchmarks.tasks.mixture` (arith with a worked scratchpad, key-value recall in long contexts,
@@ -46,7 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.models.pair import CONFIGS, Phase, TrainingConfig
+from benchmarks.models.pair import CONFIGS, Gate, Phase, TrainingConfig
 from benchmarks.models.tiny import cache_root
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 
     from benchmarks.models.llama import Spans
 
-TRAINER_VERSION = 3  # 3: attention per unit (attention_spans)
+TRAINER_VERSION = 3  # 3: attention per unit (attention_spans); the gate is part of the config
 PACKING_WINDOW = 16  # open rows a document may be placed into (first fit)
 
 
@@ -381,6 +383,69 @@ def attention_mask(documents: "torch.Tensor", branches: "torch.Tensor | None" = 
     return mask[:, None]
 
 
+# --- quality gate ----------------------------------------------------------------------------
+
+GATE_MAX_TOKENS = {"arith": 128, "recall": 8, "text": 64}  # as benchmarks.evaluate
+
+
+def greedy_texts(model, tokenizer, prompts: Sequence[str], max_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy completions of `prompts` by our own Llama (float32, full recompute per token, left
+    padding masked out): the gate's check, with no engine and no randomness."""
+    import torch
+
+    from benchmarks.models.tokenizer import BOS, EOS
+
+    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    texts: list[str] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                rows = [[bos, *_encode(tokenizer, p)] for p in prompts[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+                valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+                out: list[list[int]] = [[] for _ in rows]
+                done = torch.zeros(len(rows), dtype=torch.bool)
+                for _ in range(max_tokens):
+                    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+                    t = ids.shape[1]
+                    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+                    logits = model(ids, positions, mask)[:, -1]
+                    nxt = logits.argmax(-1)
+                    for i, token in enumerate(nxt.tolist()):
+                        if not done[i]:
+                            if token == eos:
+                                done[i] = True
+                            else:
+                                out[i].append(token)
+                    if bool(done.all()):
+                        break
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+                    valid = torch.cat([valid, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
+                texts += [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    finally:
+        model.train()
+    return texts
+
+
+def gate_accuracy(model, tokenizer, gate: Gate) -> dict[str, float]:
+    """Greedy held-out accuracy per gated task on the gate's validation seed."""
+    from benchmarks.tasks.mixture import eval_examples, task_module
+
+    accuracy = {}
+    for task, _ in gate.accuracy:
+        examples = eval_examples(task, gate.seed, gate.n)
+        texts = greedy_texts(model, tokenizer, [e.prompt for e in examples], GATE_MAX_TOKENS[task],
+                             batch_size=8 if task == "recall" else 32)
+        accuracy[task] = sum(task_module(task).is_correct(e, t) for e, t in zip(examples, texts)) / len(examples)
+    return accuracy
+
+
+def gate_passed(gate: Gate, accuracy: dict[str, float]) -> bool:
+    return all(accuracy[task] >= bar for task, bar in gate.accuracy)
+
+
 # --- training --------------------------------------------------------------------------------
 
 def learning_rate(config: TrainingConfig, step: int, since_growth: int | None = None,
@@ -481,7 +546,7 @@ class Progress:
 
 
 def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | None = None):
-    """Train `config`'s model in this process; returns (model, history)."""
+    """Train `config`'s model in this process; returns (model, history, gate rounds)."""
     import torch
 
     from benchmarks.models.llama import expand_depth
@@ -490,43 +555,65 @@ def train_model(config: TrainingConfig, tokenizer, log: Callable[[str], None] | 
     deterministic_setup(config)
     model = build_model(config)
     optimizer = optimizer_for(model, config)
-    grown_at = None
     history: list[dict] = []
+    gate_rounds: list[dict] = []
     progress = Progress(config.steps, config.name, log)
-    step, scheduled, smoothed = 0, 0, {}
+    state = {"step": 0, "scheduled": 0, "grown_at": None, "tokens": 0}
+    smoothed: dict[str, float] = {}
     start = time.perf_counter()
-    tokens_seen = 0
+
+    def run_phase(index: int, phase: Phase, data_index: int, shown: bool) -> None:
+        data = phase_rows(config, data_index, phase, tokenizer)
+        for phase_step in range(phase.steps):
+            step = state["step"]
+            since_growth = None if state["grown_at"] is None else step - state["grown_at"]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, state["scheduled"], since_growth, phase, phase_step)
+            rows = slice(phase_step * phase.rows, (phase_step + 1) * phase.rows)
+            batch = PackedRows(*(getattr(data, f.name)[rows] for f in dataclasses.fields(PackedRows)))
+            loss, per_task = loss_on(model, batch, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            value = loss.item()
+            for task, task_loss in {"all": value, **per_task}.items():
+                smoothed[task] = 0.9 * smoothed.get(task, task_loss) + 0.1 * task_loss
+            state["tokens"] += phase.rows * phase.seq_len
+            elapsed = time.perf_counter() - start
+            if shown:
+                progress.update(step, smoothed, state["tokens"] / elapsed, index)
+            history.append({"step": step, "phase": index, "loss": round(value, 5), "seconds": round(elapsed, 2),
+                            **{task: round(v, 4) for task, v in per_task.items()}})
+            state["step"] += 1
+            state["scheduled"] += phase.lr is None
+
     try:
         for index, phase in enumerate(config.phases):
             if config.depth(phase) > model.shape.num_layers:
                 model = expand_depth(model, config.depth(phase))
                 optimizer = optimizer_for(model, config)
-                grown_at = step
-            data = phase_rows(config, index, phase, tokenizer)
-            for phase_step in range(phase.steps):
-                since_growth = None if grown_at is None else step - grown_at
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, scheduled, since_growth, phase, phase_step)
-                rows = slice(phase_step * phase.rows, (phase_step + 1) * phase.rows)
-                batch = PackedRows(*(getattr(data, f.name)[rows] for f in dataclasses.fields(PackedRows)))
-                loss, per_task = loss_on(model, batch, config)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                value = loss.item()
-                for task, task_loss in {"all": value, **per_task}.items():
-                    smoothed[task] = 0.9 * smoothed.get(task, task_loss) + 0.1 * task_loss
-                tokens_seen += phase.rows * phase.seq_len
-                elapsed = time.perf_counter() - start
-                progress.update(step, smoothed, tokens_seen / elapsed, index)
-                history.append({"step": step, "phase": index, "loss": round(value, 5), "seconds": round(elapsed, 2),
-                                **{task: round(v, 4) for task, v in per_task.items()}})
-                step += 1
-                scheduled += phase.lr is None
+                state["grown_at"] = state["step"]
+            run_phase(index, phase, index, shown=True)
+            gate = config.gate
+            if gate is not None and index == gate.after_phase:
+                for round_ in range(gate.max_extensions + 1):
+                    accuracy = gate_accuracy(model, tokenizer, gate)
+                    passed = gate_passed(gate, accuracy)
+                    gate_rounds.append({"round": round_, "step": state["step"], "accuracy": accuracy, "passed": passed})
+                    log(f"{config.name}: quality gate after phase {index}, round {round_}: held-out "
+                        f"{accuracy} (bars {dict(gate.accuracy)}): {'passed' if passed else 'below'}")
+                    if passed:
+                        break
+                    if round_ == gate.max_extensions:
+                        log(f"{config.name}: quality gate not reached after {gate.max_extensions} extensions; "
+                            "going on with the recipe (the figures will say how far off it is)")
+                        break
+                    # Data of extension rounds: phase indices past the recipe's, one per round.
+                    run_phase(index, gate.extension, len(config.phases) + round_, shown=False)
     finally:
         progress.close()
-    return model, history
+    return model, history, gate_rounds
 
 
 def train(config: TrainingConfig, tokenizer, out_dir: Path, *, key: str = "", log: Callable[[str], None] | None = None) -> None:
@@ -537,7 +624,7 @@ def train(config: TrainingConfig, tokenizer, out_dir: Path, *, key: str = "", lo
     from benchmarks.models.tokenizer import BOS, EOS, PAD, save_tokenizer
 
     start = time.perf_counter()
-    model, history = train_model(config, tokenizer, log)
+    model, history, gate_rounds = train_model(config, tokenizer, log)
     seconds = time.perf_counter() - start
     ids = {name: tokenizer.token_to_id(tok) for name, tok in (("bos_id", BOS), ("eos_id", EOS), ("pad_id", PAD))}
     save_hf(model, out_dir, **ids)
@@ -546,7 +633,7 @@ def train(config: TrainingConfig, tokenizer, out_dir: Path, *, key: str = "", lo
     record = {
         "name": config.name, "key": key, "config": config.to_json(), "trainer_version": TRAINER_VERSION,
         "parameters": config.shape.parameter_count(), "seconds": round(seconds, 1), "final_loss": round(final, 4),
-        "torch": torch.__version__, "history": history,
+        "torch": torch.__version__, "gate": gate_rounds, "history": history,
     }
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")  # written last: marks completion
 
@@ -586,6 +673,60 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def evaluate_pair(paths: dict[str, Path], n: int, seed: int) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of each trained model through vLLM's CPU engine (greedy, bfloat16, as
+    the shipped weights are stored): role -> task -> accuracy."""
+    import datetime
+
+    from benchmarks.evaluate import DEFAULT_BATCH1, Model, format_table, run_evaluation, write_report
+
+    models = [Model(role, str(path)) for role, path in paths.items()]
+    report = run_evaluation(models, ["arith", "recall", "text"], n=n, seed=seed, dtype="bfloat16",
+                            batch1=DEFAULT_BATCH1)
+    out = Path("results") / "train-verify" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_report(report, out)
+    print(format_table(report.results), file=sys.stderr, flush=True)
+    _stderr(f"evaluation written to {out}/")
+    accuracy: dict[str, dict[str, float]] = {role: {} for role in paths}
+    for row in report.results:
+        accuracy[row.model][row.task] = row.accuracy
+    return accuracy
+
+
+def verify_against_shipped(paths: dict[str, Path], ship: bool) -> bool:
+    """Evaluate the trained pair like the manifests were, say whether it reproduces them, and
+    with `ship` write it into models/ with its own figures."""
+    from benchmarks.models import shipped
+    from benchmarks.tasks.mixture import EVAL_SEED
+
+    n = 100
+    accuracy = evaluate_pair(paths, n, EVAL_SEED)
+    problems = []
+    for role, path in paths.items():
+        if ship and not (shipped.folder(role) / shipped.MANIFEST).is_file():
+            continue  # the first pair to ship: nothing to compare with
+        entry = shipped.manifest(role)
+        key = json.loads((path / "training.json").read_text())["key"]
+        same = "the same recipe" if key == entry.recipe_key else f"recipe {key}, shipped {entry.recipe_key}"
+        found = shipped.differences(role, accuracy[role])
+        problems += found
+        figures = ", ".join(f"{t} {a:.2f} (shipped {entry.accuracy[t]:.2f})" for t, a in sorted(accuracy[role].items()))
+        _stderr(f"{role}: {figures}; {same}; {'reproduces' if not found else 'DOES NOT reproduce'} the shipped "
+                f"figures within {entry.tolerance:.2f}")
+    if ship:
+        evaluation = {"command": "python -m benchmarks.models.train --verify --ship", "n": n, "seed": EVAL_SEED,
+                      "dtype": "bfloat16", "vllm": _vllm_version()}
+        for role, path in paths.items():
+            _stderr(f"{role}: shipped to {shipped.ship(role, path, accuracy[role], evaluation)}")
+    return not problems
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.models.train", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*CONFIGS, "both"], default="both")
@@ -593,13 +734,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="train even if cached")
     parser.add_argument("--check", type=int, default=0, metavar="N",
                         help="after training, greedy accuracy on N held-out arith and recall examples (transformers)")
+    parser.add_argument("--verify", action="store_true",
+                        help="after training, evaluate both with vLLM (n=100) and compare with the shipped "
+                             "manifests (models/*/manifest.json); exit 1 when they do not reproduce")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --verify: write the trained pair and its figures into models/")
     args = parser.parse_args(argv)
     names = list(CONFIGS) if args.model == "both" else [args.model]
     if args.print_path and len(names) != 1:
         parser.error("--print-path needs --model draft or --model target")
+    if (args.verify or args.ship) and names != list(CONFIGS):
+        parser.error("--verify and --ship work on both models (--model both)")
+    paths = {}
     for name in names:
         start = time.perf_counter()
         path = ensure_trained(CONFIGS[name], force=args.force)
+        paths[name] = path
         record = json.loads((path / "training.json").read_text())
         _stderr(f"{name}: {path} (trained in {record['seconds']:.0f}s, final loss {record['final_loss']:.3f}; "
                 f"this call {time.perf_counter() - start:.0f}s)")
@@ -607,6 +757,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             _stderr(f"{name}: held-out accuracy (transformers, greedy, n={args.check}): "
                     f"{quick_check(path, ['arith', 'recall'], args.check)}")
         print(path if args.print_path else f"{name}: {path}", flush=True)
+    if args.verify or args.ship:
+        if not verify_against_shipped(paths, ship=args.ship) and not args.ship:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.models import train as trainer
 from benchmarks.models.llama import Llama, LlamaShape
-from benchmarks.models.pair import Phase, TrainingConfig
+from benchmarks.models.pair import Gate, Phase, TrainingConfig
 from benchmarks.models.tokenizer import train_tokenizer
 from benchmarks.tasks.example import Example
 
@@ -46,8 +46,8 @@ def trained_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_twice_gives_identical_weights(tokenizer) -> None:
-    first, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
-    second, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
+    first, _, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
+    second, _, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -279,7 +279,7 @@ def test_phases_can_grow_the_model_to_its_final_depth(tokenizer) -> None:
         vocab_size=1024, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
         tie_word_embeddings=True), "phases": (dataclasses.replace(TINY.phases[0], steps=3, layers=1),
                                                 dataclasses.replace(TINY.phases[1], steps=2))})
-    model, history = trainer.train_model(grown, tokenizer, log=lambda _: None)
+    model, history, _ = trainer.train_model(grown, tokenizer, log=lambda _: None)
     assert model.shape.num_layers == 2 and len(history) == 5
 
 
@@ -287,3 +287,36 @@ def test_phase_depths_must_grow_by_multiples() -> None:
     with pytest.raises(ValueError, match="whole multiples"):
         TrainingConfig(**{**TINY.__dict__, "shape": dataclasses.replace(TINY.shape, num_layers=3),
                           "phases": (dataclasses.replace(TINY.phases[0], layers=2), TINY.phases[1])})
+
+
+def _gated(bar: float, max_extensions: int = 2) -> TrainingConfig:
+    extension = dataclasses.replace(TINY.phases[0], steps=3, lr=1e-3)
+    gate = Gate(after_phase=0, accuracy=(("arith", bar),), extension=extension, n=4, max_extensions=max_extensions)
+    return dataclasses.replace(TINY, gate=gate)
+
+
+def test_a_gate_that_passes_leaves_the_recipe_s_weights_unchanged(tokenizer) -> None:
+    plain, plain_history, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
+    gated, history, rounds = trainer.train_model(_gated(0.0), tokenizer, log=lambda _: None)
+    assert [r["passed"] for r in rounds] == [True] and len(history) == len(plain_history) == TINY.steps
+    for (name, a), (_, b) in zip(plain.state_dict().items(), gated.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_gate_below_its_bar_trains_extensions_up_to_the_cap(tokenizer) -> None:
+    # A bar above 1.0 is never reached: every extension round runs, then the recipe goes on.
+    _, history, rounds = trainer.train_model(_gated(1.01, max_extensions=2), tokenizer, log=lambda _: None)
+    assert [r["round"] for r in rounds] == [0, 1, 2] and not any(r["passed"] for r in rounds)
+    assert len(history) == TINY.steps + 2 * 3
+    assert [h["phase"] for h in history].count(0) == TINY.phases[0].steps + 2 * 3
+
+
+def test_gate_accuracy_scores_greedy_completions_with_the_task_s_checker(tokenizer) -> None:
+    """A model that always writes EOS first answers nothing: accuracy 0 on arith."""
+    model = Llama(TINY.shape)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2] = 1.0  # EOS (id 2) has the largest logit everywhere
+    gate = _gated(0.5).gate
+    assert trainer.gate_accuracy(model, tokenizer, gate) == {"arith": 0.0}
+    assert trainer.greedy_texts(model, tokenizer, ["1+1="], max_tokens=5) == [""]
