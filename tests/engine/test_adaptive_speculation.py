@@ -262,11 +262,7 @@ SPECDEC_RULE = {"enabled": True, "max_draft_tokens": TRAINED_K_MAX, "stop_rule":
 
 @pytest.fixture(scope="module")
 def trained_pair() -> dict[str, Path]:
-    pair = draft_models.trained_pair()
-    if pair is None:
-        pytest.skip("the trained pair is not at hand (tests/draft_models.trained_pair); "
-                    "`python -m benchmarks.models.train` trains it (about 14 minutes)")
-    return pair
+    return draft_models.trained_pair()
 
 
 @pytest.fixture(scope="module")

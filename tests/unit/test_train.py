@@ -295,6 +295,13 @@ def _gated(bar: float, max_extensions: int = 2) -> TrainingConfig:
     return dataclasses.replace(TINY, gate=gate)
 
 
+def test_the_gate_s_cap_is_not_part_of_the_recipe_key_but_its_bars_are() -> None:
+    # A run that passes after r rounds trains the same weights under any cap >= r.
+    assert _gated(0.5, max_extensions=2).digest() == _gated(0.5, max_extensions=16).digest()
+    assert _gated(0.5).digest() != _gated(0.6).digest() != TINY.digest()
+    assert "max_extensions" not in _gated(0.5).to_json()["gate"]
+
+
 def test_a_gate_that_passes_leaves_the_recipe_s_weights_unchanged(tokenizer) -> None:
     plain, plain_history, _ = trainer.train_model(TINY, tokenizer, log=lambda _: None)
     gated, history, rounds = trainer.train_model(_gated(0.0), tokenizer, log=lambda _: None)
