@@ -15,6 +15,17 @@ Between steps each request's output list grows by the token just sampled, so per
 same logits, copied into the step's buffer outside the timed region (the step works in place).
 Reported per row: medians of each version, the added time (median of the paired differences),
 and its ratio to vLLM's step. Results go to stdout (Markdown) and to `--out` (CSV + Markdown).
+
+The Markdown also says, where the run measured batch 256 x vocabulary 131072, how each
+threshold sampler (Mirostat v2, epsilon, eta, top-n-sigma) and `typical` compare with issue #17's
+targets for the added time: at most 1.3 and 5 vLLM sampling steps.
+
+Mirostat's memory per step (`--memory`, on by default for the Mirostat samplers in the run):
+for each Mirostat sampler, batch and vocabulary of the grid, the processor's `apply` runs inside
+vLLM's step under torch's memory profiler for a few steps; reported are the bytes it allocates
+that are still alive when it returns (what a step keeps), the peak of its own allocations during
+the call (temporaries), and the size of the logits tensor it refers to until the next step
+(vLLM's own tensor, not a copy). Results: `mirostat_memory.csv` / `.md`.
 """
 
 from __future__ import annotations
@@ -309,6 +320,101 @@ def measure(
 
 
 
+# ---- Mirostat's memory per step ----------------------------------------------------------------
+
+MEMORY_COLUMNS = (
+    "sampler", "batch", "vocab", "kept_bytes", "peak_bytes", "held_logits_bytes", "steps"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryResult:
+    sampler: str
+    batch: int
+    vocab: int
+    kept_bytes: int  # allocated by the processor's apply, alive after it returned (max of steps)
+    peak_bytes: int  # the highest its own allocations reached during one apply
+    held_logits_bytes: int  # vLLM's logits tensor the processor refers to until the next step
+    steps: int
+
+    def csv_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _MemoryProbe:
+    """Wraps the processor for some steps and records what its `apply` allocates."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.kept = 0
+        self.peak = 0
+
+    def __getattr__(self, name: str) -> Any:  # update_state etc.: the processor's own
+        return getattr(self.inner, name)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+            out = self.inner.apply(logits)
+        # Each op's own allocations net of its own frees, and frees outside any op ("[memory]"),
+        # in the order they happened.
+        running = peak = 0
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+            running += event.self_cpu_memory_usage
+            peak = max(peak, running)
+        self.kept = max(self.kept, running)
+        self.peak = max(self.peak, peak)
+        return out
+
+
+def measure_memory(
+    vllm_config: Any, sampler: str, batch: int, vocab: int, steps: int = 3
+) -> MemoryResult:
+    source = make_logits(batch, vocab)
+    work = torch.empty_like(source)
+    step = SamplingStep(vllm_config, batch, sampler_extra_args(sampler))
+    invariant = step.logitsprocs.argmax_invariant
+    index = next(i for i, p in enumerate(invariant) if p is step.adaptive)
+    probe = _MemoryProbe(step.adaptive)
+    invariant[index] = probe  # type: ignore[call-overload]
+    try:
+        for _ in range(steps):  # the first step has no token to update from; later ones do
+            work.copy_(source)
+            _, sampled = step.run(work)
+            step.advance(sampled)
+    finally:
+        invariant[index] = step.adaptive
+    held = getattr(step.adaptive, "_held", None)
+    held_bytes = held.untyped_storage().nbytes() if isinstance(held, torch.Tensor) else 0
+    return MemoryResult(sampler, batch, vocab, probe.kept, probe.peak, held_bytes, steps)
+
+
+def memory_markdown(results: Sequence[MemoryResult]) -> str:
+    lines = [
+        "# Mirostat's memory per step (the processor's own allocations, CPU)",
+        "",
+        "| sampler | batch | vocab | kept after a step (bytes) | peak during a step (MiB) "
+        "| vLLM logits referred to (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.sampler} | {r.batch} | {r.vocab} | {r.kept_bytes} | {r.peak_bytes / 2**20:.3f} "
+            f"| {r.held_logits_bytes / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_memory(out: Path, results: Sequence[MemoryResult], table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "mirostat_memory.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MEMORY_COLUMNS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow(r.csv_row())
+    (out / "mirostat_memory.md").write_text(table)
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -336,6 +442,29 @@ def machine_info(threads: int) -> dict[str, str]:
     }
 
 
+THRESHOLD_SAMPLERS = ("mirostat_v2", "epsilon", "eta", "top_n_sigma")
+# Issue #17: added time / vLLM's sampling step at batch 256 x vocabulary 131072 on CPU.
+TARGETS: dict[str, float] = {**{name: 1.3 for name in THRESHOLD_SAMPLERS}, "typical": 5.0}
+TARGET_SIZE = (256, 131072)
+
+
+def target_lines(results: Sequence[Result]) -> list[str]:
+    """Bullets (not a table) comparing the measured rows of TARGET_SIZE with TARGETS."""
+    batch, vocab = TARGET_SIZE
+    lines = [f"Issue #17 targets (added / vLLM step at batch {batch} x vocab {vocab}):", ""]
+    measured = [r for r in results if (r.batch, r.vocab) == TARGET_SIZE and r.sampler in TARGETS]
+    for r in measured:
+        target = TARGETS[r.sampler]
+        verdict = "met" if r.ratio <= target else "missed"
+        lines.append(
+            f"- {r.sampler}: {r.ratio:.2f} (target at most {target}; min-based {r.min_ratio:.2f}; "
+            f"the step with it takes {r.with_ms / r.base_ms:.2f}x vLLM's): {verdict}"
+        )
+    if not measured:
+        lines.append(f"- not measured: this run has no row at batch {batch} x vocab {vocab}")
+    return lines
+
+
 def markdown(results: Sequence[Result], info: dict[str, str], command: str) -> str:
     lines = [
         "# Sampler overhead on vLLM's V1 sampling step (CPU)",
@@ -354,6 +483,7 @@ def markdown(results: Sequence[Result], info: dict[str, str], command: str) -> s
             f"| {r.added_ms:.3f} | {r.ratio:.2f} | {r.min_ratio:.2f} | {r.kept_pct:.2f} "
             f"| {r.pairs} | {r.status} |"
         )
+    lines += ["", *target_lines(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -403,6 +533,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, help="results folder (default results/sampler_overhead/<time>)"
+    )
+    parser.add_argument(
+        "--memory", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure Mirostat's memory per step for the Mirostat samplers in the run (on)",
     )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.min_seconds < 0:
@@ -457,6 +591,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(out, results, table)
     print(table)
     print(f"wrote {out / 'sampler_overhead.csv'}, {out / 'sampler_overhead.md'}", file=sys.stderr)
+    stateful = [s for s in samplers if s.startswith("mirostat")]
+    if args.memory and stateful:
+        memory = [
+            measure_memory(vllm_config, sampler, batch, vocab)
+            for sampler in stateful for batch in args.batch_sizes for vocab in args.vocab_sizes
+        ]
+        memory_table = memory_markdown(memory)
+        write_memory(out, memory, memory_table)
+        print(memory_table)
+        print(f"wrote {out / 'mirostat_memory.csv'}, {out / 'mirostat_memory.md'}", file=sys.stderr)
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

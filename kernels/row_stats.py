@@ -17,12 +17,15 @@ The Triton kernel reads each row once, combining blocks with the online-softmax 
 (Milakov & Gimelshein 2018) extended by the running sum of p * logit, which gives the entropy as
 H = lse - E_p[logit], and with Chan et al.'s pairwise update for mean and variance.
 `row_stats` runs the kernel on CUDA tensors and `row_stats_torch` (float32 torch, a few
-vectorised passes) elsewhere: vLLM's CPU build disables Triton. `row_stats_reference` (float64)
-is the definition the tests hold both to.
+vectorised passes) elsewhere: vLLM's CPU build disables Triton. On that path each pass costs a
+read of the whole [R, V] matrix, so a caller names the statistics it reads (`fields`) and only
+those are computed (the others are None); the kernel computes all of them in its one pass.
+`row_stats_reference` (float64) is the definition the tests hold both to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -74,18 +77,42 @@ def check_rows(logits: torch.Tensor, rows: torch.Tensor | None, what: str) -> in
     return rows.shape[0]
 
 
-def row_stats(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStats:
-    """Statistics of `logits[rows]` (all rows when `rows` is None): Triton on CUDA, else torch."""
+FIELDS = frozenset(RowStats._fields)
+
+
+def row_stats(
+    logits: torch.Tensor, rows: torch.Tensor | None = None, fields: Iterable[str] | None = None
+) -> RowStats:
+    """Statistics of `logits[rows]` (all rows when `rows` is None): Triton on CUDA, else torch.
+
+    `fields` (default: all) names the statistics the caller reads; on the torch path the others
+    are not computed and are None. The Triton kernel always returns all of them.
+    """
     check_rows(logits, rows, "row_stats")
     if logits.is_cuda and triton is not None:
         return row_stats_triton(logits, rows)
-    return row_stats_torch(logits, rows)
+    return row_stats_torch(logits, rows, fields)
 
 
-def row_stats_torch(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStats:
-    """float32 torch, shifted by the row max: the CPU path (within float32 rounding of the reference)."""
+def row_stats_torch(
+    logits: torch.Tensor, rows: torch.Tensor | None = None, fields: Iterable[str] | None = None
+) -> RowStats:
+    """float32 torch, shifted by the row max: the CPU path (within float32 rounding of the reference).
+
+    With `fields`, only those statistics (None for the others), in as few passes over the
+    matrix as they need.
+    """
     check_rows(logits, rows, "row_stats_torch")
     x = (logits if rows is None else logits.index_select(0, rows.long())).float()
+    if fields is not None:
+        wanted = frozenset(fields)
+        if not wanted <= FIELDS:
+            raise ValueError(
+                f"row_stats_torch: unknown field(s) {sorted(wanted - FIELDS)}; "
+                f"the statistics are {list(RowStats._fields)}"
+            )
+        if wanted != FIELDS:
+            return _some_row_stats(x, wanted)
     finite = x > float("-inf")
     count = finite.sum(dim=-1)
     row_max = x.amax(dim=-1)
@@ -113,6 +140,82 @@ def row_stats_torch(logits: torch.Tensor, rows: torch.Tensor | None = None) -> R
         std=var.sqrt(),
         count=count.to(torch.int32),
     )
+
+
+def _some_row_stats(x: torch.Tensor, wanted: frozenset[str]) -> RowStats:
+    """The statistics named in `wanted` of float32 rows x [K, V] (and the row max, needed for
+    all of them); None for the others.
+
+    Same formulas as `row_stats_torch`'s full path, with fewer passes: a masked (-inf) entry
+    needs no mask for the exponential (exp(-inf) = 0), only where it is multiplied (0 * -inf),
+    and only rows that hold one take that masked path.
+    """
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(RowStats._fields)
+    row_max = x.amax(dim=-1)
+    has_finite = row_max > float("-inf")
+    out["row_max"] = row_max
+    if wanted & {"lse", "entropy"}:
+        shift = torch.where(has_finite, row_max, 0.0)
+        shifted = x - shift.unsqueeze(-1)
+        weights = shifted.exp()
+        total = weights.sum(dim=-1)
+        log_total = total.log()  # -inf for an all -inf row
+        if "lse" in wanted:
+            out["lse"] = shift + log_total
+        if "entropy" in wanted:
+            dot = _row_dot(weights, shifted)  # NaN where a row holds -inf
+            masked = torch.isnan(dot)
+            if bool(masked.any()):  # the CPU path: a host read costs nothing here
+                which = masked.nonzero().squeeze(-1)
+                part = shifted.index_select(0, which)
+                part.masked_fill_(part == float("-inf"), 0.0)
+                dot.index_copy_(0, which, _row_dot(weights.index_select(0, which), part))
+            expected = dot / total.clamp(min=torch.finfo(torch.float32).tiny)
+            out["entropy"] = torch.where(has_finite, log_total - expected, 0.0).clamp(min=0.0)
+    if wanted & {"mean", "std", "count"}:
+        # Rows without -inf (the usual case) need no mask; rows with one take the masked
+        # formulas of the full path (found on the host: this is the CPU path).
+        vocab = x.shape[-1]
+        masked = x.amin(dim=-1) == float("-inf")
+        count = torch.full_like(row_max, vocab, dtype=torch.int32)
+        mean = x.sum(dim=-1) / vocab if wanted & {"mean", "std"} else None
+        std = None
+        if "std" in wanted:
+            centered = x - mean.unsqueeze(-1)  # type: ignore[union-attr]
+            std = (_row_dot(centered, centered) / vocab).sqrt()
+        if bool(masked.any()):
+            which = masked.nonzero().squeeze(-1)
+            part = _masked_count_mean_std(x.index_select(0, which), row_max.index_select(0, which))
+            count.index_copy_(0, which, part[0])
+            if mean is not None:
+                mean.index_copy_(0, which, part[1])
+            if std is not None:
+                std.index_copy_(0, which, part[2])
+        out["count"] = count if "count" in wanted else None
+        out["mean"] = mean if "mean" in wanted else None
+        out["std"] = std
+    return RowStats(**out)  # type: ignore[arg-type]
+
+
+def _masked_count_mean_std(
+    x: torch.Tensor, row_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """count (int32), mean and std of the finite logits of rows that hold -inf entries."""
+    finite = x > float("-inf")
+    count = finite.sum(dim=-1)
+    shift = torch.where(count > 0, row_max, 0.0)
+    shifted = (x - shift.unsqueeze(-1)).masked_fill_(~finite, 0.0)
+    n = count.clamp(min=1).float()
+    mean_shifted = shifted.sum(dim=-1) / n
+    centered = shifted.sub_(mean_shifted.unsqueeze(-1)).masked_fill_(~finite, 0.0)
+    mean = torch.where(count > 0, mean_shifted + shift, 0.0)
+    return count.to(torch.int32), mean, (_row_dot(centered, centered) / n).sqrt()
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product [K] of [K, V] matrices as a batched matmul: no [K, V] temporary
+    (`torch.linalg.vecdot` on CPU multiplies into one, then sums)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).view(-1)
 
 
 def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor | None = None) -> RowStats:

@@ -89,6 +89,24 @@ def test_sampler_overhead_markdown_has_a_line_per_row_and_the_machine(
     assert "torch threads:" in text and "cpus:" in text
 
 
+def test_sampler_overhead_reports_mirostat_memory_and_the_issue_targets(
+    sampler_overhead_run: tuple[int, Path],
+) -> None:
+    from benchmarks.sampler_overhead import MEMORY_COLUMNS
+    from vllm_adaptive.sampling.params import SAMPLERS
+
+    _, out = sampler_overhead_run
+    rows = read_csv(out / "mirostat_memory.csv")
+    assert tuple(rows[0]) == MEMORY_COLUMNS
+    mirostat = {s for s in SAMPLERS if s.startswith("mirostat")}
+    assert {(r["sampler"], r["batch"]) for r in rows} == {(s, b) for s in mirostat for b in ("1", "3")}
+    for row in rows:
+        assert int(row["kept_bytes"]) >= 0 and int(row["peak_bytes"]) >= int(row["kept_bytes"]), row
+        assert int(row["held_logits_bytes"]) == 4 * 500 * int(row["batch"]), row  # vLLM's float32 logits
+    text = (out / "sampler_overhead.md").read_text()
+    assert "Issue #17 targets" in text and "not measured" in text  # no 256 x 131072 row here
+
+
 def test_sampler_overhead_requests_truncating_values_only_where_the_sampler_takes_them() -> None:
     from benchmarks.sampler_overhead import TRUNCATING_VALUES, sampler_extra_args
     from vllm_adaptive.sampling.params import SAMPLERS, parse_sampler_request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,3 +58,35 @@ def test_random_rows(vocab: int, scale: float, offset: float, masked: float, see
     x = torch.randn(4, vocab, generator=gen) * scale + offset
     x[torch.rand(4, vocab, generator=gen) < masked] = NEG_INF
     assert_matches_reference(x)
+
+
+SAMPLER_FIELDS = [("row_max", "lse", "entropy"), ("row_max", "std"), ("lse",), ("entropy", "count")]
+
+
+@pytest.mark.parametrize("fields", SAMPLER_FIELDS)
+def test_only_the_fields_asked_for_are_computed_and_they_match_the_reference(fields: tuple[str, ...]) -> None:
+    x = torch.randn(6, 1001) * 4 + 30.0
+    x[1, :900] = NEG_INF
+    x[2] = NEG_INF
+    x[3, 1:] = NEG_INF
+    x[4] = 0.0
+    x[5, ::2] = NEG_INF
+    for rows in (None, torch.tensor([5, 0, 3])):
+        got, want = row_stats_torch(x, rows, fields), row_stats_reference(x, rows)
+        for field in got._fields:
+            a, b = getattr(got, field), getattr(want, field)
+            if field not in fields and not (field == "row_max"):  # the max is always at hand
+                assert a is None, field
+                continue
+            if field == "count":
+                assert torch.equal(a, b)
+                continue
+            assert not torch.isnan(a).any(), field
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), field
+            finite = ~torch.isinf(b)
+            assert ((a[finite] - b[finite]).abs() <= 2e-5 * (1.0 + b[finite].abs())).all(), field
+
+
+def test_an_unknown_field_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown field.*'variance'"):
+        row_stats_torch(torch.zeros(1, 3), fields=("lse", "variance"))

@@ -41,9 +41,26 @@ def selected(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 def write_rows_(
     logits: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor, changed: torch.Tensor
 ) -> None:
-    """Copy `values[i]` into the logits row it came from, for the i where `changed[i]`."""
+    """Copy `values[i]` into the logits row it came from, for the i where `changed[i]`.
+
+    Off CUDA the changed rows are found on the host (free there); on CUDA, where that read
+    would stall the stream, every selected row is written, an unchanged one with its own
+    values (bitwise what it was).
+    """
+    if logits.is_cuda:
+        write_rows_without_host_read_(logits, rows, values, changed)
+        return
     which = changed.nonzero().squeeze(-1)
     if which.numel() == 0:
         return
     target = which if rows is None else rows.long().index_select(0, which)
     logits.index_copy_(0, target, values.index_select(0, which))
+
+
+def write_rows_without_host_read_(
+    logits: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor, changed: torch.Tensor
+) -> None:
+    """`write_rows_` as it runs on CUDA: every selected row written, unchanged ones as they were."""
+    target = torch.arange(values.shape[0], device=logits.device) if rows is None else rows.long()
+    old = logits.index_select(0, target)
+    logits.index_copy_(0, target, torch.where(changed.unsqueeze(-1), values.to(logits.dtype), old))

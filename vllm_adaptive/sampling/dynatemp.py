@@ -113,16 +113,16 @@ def _retemper_(
     active: torch.Tensor,
     temperature: Callable[[RowStats], torch.Tensor],
 ) -> torch.Tensor:
-    if not bool(active.any()):
+    if not logits.is_cuda and not bool(active.any()):  # a host read only off CUDA
         return logits
     sub = selected(logits, rows)
     raw = sub * torch.where(t0 > 0, t0, 1.0).unsqueeze(-1)  # no 0 * -inf for T0 = 0 rows
-    stats = row_stats(raw)
+    stats = row_stats(raw, fields=("entropy", "count"))
     t = temperature(stats)
     active = active & (stats.count > 1) & (t0 > 0) & torch.isfinite(t)
     greedy = t < GREEDY_TEMPERATURE
     out = raw.div_(torch.where(greedy, 1.0, t).unsqueeze(-1))  # raw is ours: rescale in place
-    if bool(greedy.any()):
+    if logits.is_cuda or bool(greedy.any()):
         top_only = sub.masked_fill(sub < sub.amax(dim=-1, keepdim=True), float("-inf"))
         out = torch.where(greedy.unsqueeze(-1), top_only, out)
     write_rows_(logits, rows, out, active)

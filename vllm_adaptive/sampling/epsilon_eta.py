@@ -51,7 +51,9 @@ def keep_threshold(
     # ln(0) = -inf switches a cutoff off without a branch.
     log_eps = torch.log(epsilon.float())
     log_eta = torch.log(eta_cutoff.float())
-    log_eta_cut = torch.minimum(log_eta, 0.5 * log_eta - stats.entropy)
+    # Without the entropy (no row uses eta: see apply_epsilon_eta_) the eta cut is ln 0 = -inf.
+    entropy = stats.entropy if stats.entropy is not None else torch.zeros_like(log_eta)
+    log_eta_cut = torch.minimum(log_eta, 0.5 * log_eta - entropy)
     threshold = stats.lse + torch.maximum(log_eps, log_eta_cut)
     return torch.minimum(threshold, stats.row_max)
 
@@ -64,7 +66,10 @@ def apply_epsilon_eta_(
 ) -> torch.Tensor:
     """Mask tokens below either cutoff to -inf in place, on `rows` (every row when None)."""
     check_batch("apply_epsilon_eta_", logits, rows, epsilon=epsilon, eta_cutoff=eta_cutoff)
-    stats = row_stats(logits, rows)
+    # The entropy costs two passes on CPU and only eta reads it (a host read is free there).
+    uses_eta = logits.is_cuda or bool((eta_cutoff > 0).any())
+    fields = ("row_max", "lse", "entropy") if uses_eta else ("row_max", "lse")
+    stats = row_stats(logits, rows, fields=fields)
     return threshold_mask_(logits, keep_threshold(stats, epsilon, eta_cutoff), rows)
 
 

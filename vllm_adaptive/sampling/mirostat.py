@@ -57,17 +57,23 @@ def apply_keep_set_(
     Returns the logsumexp of each selected row's kept logits [K]: the normaliser of the
     renormalised distribution, needed later to measure the surprise of the token that gets
     sampled. Rows whose logits are all -inf are left as they are (their normaliser is -inf).
+    One exponential pass serves both normalisers (`keep_threshold`'s lse and the kept one).
     """
     check_batch("mirostat_v2", logits, rows, mu=mu)
     sub = selected(logits, rows)
-    threshold = keep_threshold(sub, mu)
+    row_max = sub.amax(dim=-1)
+    shift = torch.where(row_max > float("-inf"), row_max, 0.0)
+    weights = (sub - shift.unsqueeze(-1)).exp_()  # 0 for -inf logits
+    lse = shift + weights.sum(dim=-1).log()
+    threshold = torch.minimum(lse - mu * LN2, row_max)
     drop = sub < threshold.unsqueeze(-1)
+    kept_lse = shift + weights.masked_fill_(drop, 0.0).sum(dim=-1).log()
     if rows is None:
         logits.masked_fill_(drop, float("-inf"))
-        return torch.logsumexp(logits, dim=-1)
-    sub.masked_fill_(drop, float("-inf"))
-    write_rows_(logits, rows, sub, drop.any(dim=-1))
-    return torch.logsumexp(sub, dim=-1)
+    else:
+        sub.masked_fill_(drop, float("-inf"))
+        write_rows_(logits, rows, sub, drop.any(dim=-1))
+    return kept_lse
 
 
 def observed_surprise(token_logit: torch.Tensor, kept_lse: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def apply_keep_set_(
         top = torch.topk(selected(logits, rows), min(k_max, vocab), dim=-1).values
     threshold = top.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
     threshold_mask_(logits, threshold, rows)
-    return row_stats(logits, rows).lse
+    return row_stats(logits, rows, fields=("lse",)).lse
 
 
 def _keep_k_and_top(

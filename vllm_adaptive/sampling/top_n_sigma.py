@@ -44,7 +44,7 @@ def apply_top_n_sigma_(
 ) -> torch.Tensor:
     """Mask tokens below max - n * std to -inf in place, on `rows` (every row when None)."""
     check_batch("apply_top_n_sigma_", logits, rows, n=n)
-    stats = row_stats(logits, rows)
+    stats = row_stats(logits, rows, fields=("row_max", "std"))
     return threshold_mask_(logits, keep_threshold(stats, n), rows)
 
 

@@ -15,8 +15,22 @@
 
 The proposer (`vllm_adaptive.speculative.proposer`) calls it in this order each engine step:
 `observe_verification` (the previous step's drafts), `begin` (K), `record` per draft step,
-`finish` (the drafts), `observe_step` (timings). Tensors stay on the draft model's device
-until `finish`, which reads them once.
+`finish` (the drafts), `observe_step` (timings).
+
+No host work per row or per draft step (issue #17), after vLLM's MinP processor and its
+spec-decode policies:
+
+- per-request state lives in arrays indexed by batch row (`RowStates`); they follow the batch
+  when its rows change (`RowStates.align`: Python per row only then), and a request that leaves
+  the batch keeps its state aside in case it comes back;
+- a draft's tokens, kept flags and confidences go into [rows, K] device buffers; the alive mask
+  stays on the device. Whether every row has stopped (the loop's early exit) is read from the
+  device `alive_check_lag` steps late: 0 on CPU, where reading it costs nothing and a draft pass
+  does, 1 on a GPU, where the flag of step s is copied non-blocking into pinned memory and read
+  after step s + 1 is queued, so the device never drains. The extra step a lag may run drafts
+  only for rows that have stopped: its tokens are never kept, so drafts, verification and
+  greedy output are the same as with the check at every step;
+- `finish` reads the drafts with one copy per step (the proposer must hand vLLM host lists).
 
 Each stage has a fault point (`vllm_adaptive.faults`, off unless VLLM_ADAPTIVE_FAULT_INJECT
 names it): `spec:feedback`, `spec:controller`, `spec:stop_rule`, `spec:finish`, so that tests can
@@ -27,8 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_adaptive.faults import injected_faults, raise_if_injected
@@ -43,6 +59,7 @@ from vllm_adaptive.speculative.stop_rules import (
     build_stop_rule,
     draft_stats,
     draft_stats_from_probs,
+    host_to_device,
     threshold_for_cost_ratio,
 )
 
@@ -56,16 +73,13 @@ ACCEPTANCE_DECAY = 0.9
 # learning from the previous drafts' verification, choosing the cap K (controller, SpecDec++
 # threshold), the stop rule at a draft step, and collecting the drafts and timings.
 FAILURE_STAGES = ("feedback", "controller", "stop_rule", "finish")
+# Draft steps between a step's stop decisions and the host reading whether every row stopped,
+# on a device that runs asynchronously (CUDA); on CPU the read costs nothing: 0.
+DEVICE_ALIVE_CHECK_LAG = 1
 
 
-@dataclasses.dataclass
-class RequestDraftState:
-    """What the policy remembers about one request between steps."""
-
-    lam: float  # AdaEDL threshold lambda
-    acceptance_ema: float  # AdaEDL's AR: EMA of accepted / drafted
-    accepted: float = 0.0  # decayed count of accepted draft tokens
-    observed: float = 0.0  # decayed count of draft tokens verification tested (censoring aside)
+def default_alive_check_lag(device: torch.device) -> int:
+    return 0 if device.type == "cpu" else DEVICE_ALIVE_CHECK_LAG
 
 
 @dataclasses.dataclass
@@ -89,25 +103,151 @@ class DraftCounters:
     cap_histogram: list[int] = dataclasses.field(default_factory=list)  # proposals by cap K
 
 
-class DraftInProgress:
-    """The draft steps of one propose call: per step tokens, kept rows and confidences."""
+# Per-request values kept across steps, one float64 array each (index: batch row).
+#   lam: AdaEDL threshold lambda; acceptance_ema: AdaEDL's AR (EMA of accepted / drafted);
+#   accepted / observed: decayed counts of accepted draft tokens and of draft tokens verification
+#   tested (censoring aside), the request's acceptance for the controller.
+REQUEST_FIELDS = ("lam", "acceptance_ema", "accepted", "observed")
 
-    def __init__(self, policy: DraftLengthPolicy, num_rows: int, k: int, lam: torch.Tensor) -> None:
+
+class RowStates:
+    """Per-request state in arrays indexed by the batch's rows, plus each row's last draft.
+
+    `align(req_ids)` makes row r hold request req_ids[r]: the arrays are permuted when the batch
+    was reordered, rows of requests that left are set aside (`departed`, restored if the request
+    comes back; dropped when it grows past DEPARTED_LIMIT_FACTOR times the batch, as a finished
+    request never comes back), and new requests start at `initial`. A batch in the same order as
+    the last one costs one list comparison. A row's last draft (`pending_*`) is not set aside: a
+    request that left between its draft and the draft's verification learns nothing from it.
+    """
+
+    DEPARTED_LIMIT_FACTOR = 4
+
+    def __init__(self, width: int, initial: dict[str, float]) -> None:
+        self.width = width
+        self.initial = initial
+        self.req_ids: list[str] = []
+        self.values = {name: np.zeros(0, dtype=np.float64) for name in REQUEST_FIELDS}
+        self.pending_len = np.zeros(0, dtype=np.int64)  # -1: no draft awaiting verification
+        self.pending_tokens: list[list[int]] = []  # the lists `finish` returned (no copy)
+        self.pending_conf = np.zeros((0, width), dtype=np.float32)
+        self.departed: dict[str, tuple[float, ...]] = {}
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        values = self.__dict__.get("values")
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def align(self, req_ids: Sequence[str]) -> None:
+        if len(req_ids) == len(self.req_ids) and list(req_ids) == self.req_ids:
+            return
+        req_ids = list(req_ids)
+        old_rows = {r: i for i, r in enumerate(self.req_ids)}
+        source = np.fromiter((old_rows.get(r, -1) for r in req_ids), dtype=np.int64, count=len(req_ids))
+        new = source < 0
+        gather = np.maximum(source, 0)
+        current = set(req_ids)
+        left = [(r, i) for r, i in old_rows.items() if r not in current]
+        for r, i in left:
+            self.departed[r] = tuple(float(self.values[name][i]) for name in REQUEST_FIELDS)
+        values = {}
+        for name, array in self.values.items():
+            aligned = array[gather] if len(array) else np.zeros(len(req_ids), dtype=np.float64)
+            aligned[new] = self.initial[name]
+            values[name] = aligned
+        self.values = values
+        for row in np.flatnonzero(new).tolist():
+            stored = self.departed.pop(req_ids[row], None)
+            if stored is not None:
+                for name, value in zip(REQUEST_FIELDS, stored):
+                    values[name][row] = value
+        if len(self.pending_len):
+            self.pending_len = np.where(new, -1, self.pending_len[gather])
+            self.pending_tokens = [self.pending_tokens[i] for i in gather.tolist()]
+            self.pending_conf = self.pending_conf[gather]
+        else:
+            self.pending_len = np.full(len(req_ids), -1, dtype=np.int64)
+            self.pending_tokens = [[] for _ in req_ids]
+            self.pending_conf = np.zeros((len(req_ids), self.width), dtype=np.float32)
+        if len(self.departed) + len(req_ids) > self.DEPARTED_LIMIT_FACTOR * max(len(req_ids), 64):
+            self.departed.clear()
+        self.req_ids = req_ids
+
+    def get(self, req_id: str) -> dict[str, float] | None:
+        """One request's values (introspection and tests; not for the hot path)."""
+        if req_id in self.req_ids:
+            row = self.req_ids.index(req_id)
+            return {name: float(self.values[name][row]) for name in REQUEST_FIELDS}
+        stored = self.departed.get(req_id)
+        return None if stored is None else dict(zip(REQUEST_FIELDS, stored))
+
+    def set(self, req_id: str, name: str, value: float) -> None:
+        if req_id in self.req_ids:
+            self.values[name][self.req_ids.index(req_id)] = value
+        elif req_id in self.departed:
+            stored = dict(zip(REQUEST_FIELDS, self.departed[req_id]))
+            stored[name] = value
+            self.departed[req_id] = tuple(stored[n] for n in REQUEST_FIELDS)
+        else:
+            raise KeyError(req_id)
+
+    def known(self) -> Iterator[str]:
+        yield from self.req_ids
+        yield from self.departed
+
+
+class RequestView:
+    """Read/write view of one request's values in `RowStates` (introspection and tests)."""
+
+    def __init__(self, rows: RowStates, req_id: str) -> None:
+        object.__setattr__(self, "_rows", rows)
+        object.__setattr__(self, "_req_id", req_id)
+
+    def __getattr__(self, name: str) -> float:
+        if name not in REQUEST_FIELDS:
+            raise AttributeError(name)
+        values = self._rows.get(self._req_id)
+        if values is None:
+            raise KeyError(self._req_id)
+        return values[name]
+
+    def __setattr__(self, name: str, value: float) -> None:
+        if name not in REQUEST_FIELDS:
+            raise AttributeError(name)
+        self._rows.set(self._req_id, name, float(value))
+
+
+class DraftInProgress:
+    """The draft steps of one propose call: per step tokens, kept rows and confidences on the
+    device; the alive mask on the device (see the module docstring)."""
+
+    def __init__(
+        self, policy: DraftLengthPolicy, num_rows: int, k: int, lam: torch.Tensor,
+        alive_check_lag: int = 0,
+    ) -> None:
+        if alive_check_lag < 0:
+            raise ValueError(f"alive_check_lag must be >= 0, got {alive_check_lag}")
         self.policy = policy
         self.k = k
         self.num_rows = num_rows
+        self.lag = alive_check_lag
         device = lam.device
         self.state = DraftState.start(num_rows, lam=lam, device=device)
         self.alive = torch.ones(num_rows, dtype=torch.bool, device=device)
+        # One [B] tensor per step, stacked once in `finish` (cheaper than writing a column of
+        # a [B, K] buffer per step: one stack against K strided writes).
         self.tokens: list[torch.Tensor] = []
         self.kept: list[torch.Tensor] = []
         self.confidence: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
         self.failed = False
-
-    @property
-    def steps(self) -> int:
-        return len(self.tokens)
+        # Whether any row was alive after step s, copied to the host: slot s % (lag + 1).
+        async_device = device.type == "cuda"
+        slots = alive_check_lag + 1
+        self._any_alive = torch.ones(slots, dtype=torch.bool, pin_memory=async_device) if self.lag else None
+        self._copied: list[Any] = [None] * slots
+        self._async = async_device
 
     def record(
         self, logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor | None
@@ -115,41 +255,98 @@ class DraftInProgress:
         """One draft step: the logits [B, V] the draft computed, the tokens [B] it drafted, and
         the probabilities [B, V] it sampled them from (None: greedy drafting, argmax of logits)."""
         raise_if_injected("spec:stop_rule")
+        step = self.steps
+        if step >= self.k:
+            raise RuntimeError(f"draft step {step + 1} recorded, but the cap K is {self.k}")
         entropy = self.policy.rule.needs_entropy
         if probs is None:
             stats = draft_stats(logits, entropy=entropy)
         else:
             stats = draft_stats_from_probs(probs, token_ids, entropy=entropy)
-        decision = self.policy.rule(stats, self.state)
+        state = self.state
+        decision = self.policy.rule(stats, state)
         alive = self.alive
         self.kept.append(alive & decision.keep)
         self.alive = alive & ~decision.stop
-        # Rows that stopped earlier keep their state: a later step is no longer theirs.
-        self.state = DraftState(
-            log_survival=torch.where(alive, decision.state.log_survival, self.state.log_survival),
-            lam=self.state.lam,
-        )
+        if decision.state.log_survival is not state.log_survival:
+            # Rows that stopped earlier keep their state: a later step is no longer theirs.
+            self.state = DraftState(
+                log_survival=torch.where(alive, decision.state.log_survival, state.log_survival),
+                lam=state.lam,
+            )
         top = self.policy.config.confidence == "top_prob"
         self.confidence.append(stats.top_prob if top else stats.token_prob)
         self.tokens.append(token_ids)
         if probs is not None:
             self.probs.append(probs)
+        if self._any_alive is not None:
+            slot = step % len(self._copied)
+            self._any_alive[slot : slot + 1].copy_(self.alive.any().reshape(1), non_blocking=self._async)
+            if self._async:
+                event = torch.cuda.Event()
+                event.record()
+                self._copied[slot] = event
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
 
     def should_end(self) -> bool:
-        """True when every row has stopped and steps remain: the loop can end now.
+        """True when every row had stopped `lag` steps ago and steps remain: the loop can end.
 
-        Reads one bool from the device (a synchronisation on GPU), only when steps remain."""
-        return self.steps < self.k and not bool(self.alive.any())
+        With lag 0 this reads the alive mask (a synchronisation on an asynchronous device);
+        with lag L it waits only for step steps - L's flag, queued L steps earlier."""
+        if self.steps >= self.k:
+            return False
+        if self._any_alive is None:
+            return not bool(self.alive.any())
+        checked = self.steps - 1 - self.lag
+        if checked < 0:
+            return False
+        slot = checked % len(self._copied)
+        event = self._copied[slot]
+        if event is not None:
+            event.synchronize()
+        return not bool(self._any_alive[slot])
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, steps] tokens (int64), draft lengths [B] (int64: each row's prefix of kept steps)
+        and confidences [B, steps] (float32), on the device; steps >= 1."""
+        tokens = torch.stack(self.tokens, dim=1).to(torch.int64)
+        kept = torch.stack(self.kept, dim=1).to(torch.int64)
+        lengths = torch.cumprod(kept, dim=1).sum(dim=1)
+        return tokens, lengths, torch.stack(self.confidence, dim=1).float()
 
     def draft_probs(self) -> torch.Tensor | None:
         """[B, steps, V] probabilities of the steps run (probabilistic drafting), else None."""
         return torch.stack(self.probs, dim=1).contiguous() if self.probs else None
 
 
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Copies of `tensors` on the host as numpy arrays, with one wait on an asynchronous device
+    (non-blocking copies into pinned memory, then one event)."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.detach().cpu().numpy() for t in tensors]
+    host = []
+    for t in tensors:
+        buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buffer.copy_(t, non_blocking=True)
+        host.append(buffer)
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+    return [h.numpy() for h in host]
+
+
 class DraftLengthPolicy:
-    def __init__(self, config: AdaptiveDraftConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, config: AdaptiveDraftConfig, device: torch.device | str = "cpu",
+        alive_check_lag: int | None = None,
+    ) -> None:
         self.config = config
         self.device = torch.device(device)
+        self.alive_check_lag = (default_alive_check_lag(self.device) if alive_check_lag is None
+                                else alive_check_lag)
         injected_faults()  # a misspelt VLLM_ADAPTIVE_FAULT_INJECT stops the engine here
         # The calibrator's state is tiny and updated from host values: it lives on the host.
         self.calibrator = build_calibrator(config)
@@ -158,9 +355,9 @@ class DraftLengthPolicy:
         # SpecDec++ with specdec_threshold "auto": theta = 1 - the draft cost ratio, each step.
         self._auto_threshold = isinstance(self.rule, SpecDecStopRule) and config.specdec_threshold == AUTO
         self.cost_ratio = config.draft_cost_ratio or DEFAULT_DRAFT_COST_RATIO
-        self.requests: dict[str, RequestDraftState] = {}
-        # req_id -> (draft tokens, their confidences) awaiting verification.
-        self._pending: dict[str, tuple[list[int], list[float]]] = {}
+        lam = self.rule.lam if isinstance(self.rule, AdaEDLStopRule) else 0.0
+        self.rows = RowStates(config.max_draft_tokens, {
+            "lam": lam, "acceptance_ema": config.adaedl_target_acceptance, "accepted": 0.0, "observed": 0.0})
         self.counters = DraftCounters(
             length_histogram=[0] * (config.max_draft_tokens + 1),
             cap_histogram=[0] * (config.max_draft_tokens + 1),
@@ -168,27 +365,24 @@ class DraftLengthPolicy:
 
     # --- per request -------------------------------------------------------------------------
 
-    def _request(self, req_id: str) -> RequestDraftState:
-        state = self.requests.get(req_id)
-        if state is None:
-            lam = self.rule.lam if isinstance(self.rule, AdaEDLStopRule) else 0.0
-            target = self.config.adaedl_target_acceptance
-            state = self.requests[req_id] = RequestDraftState(lam=lam, acceptance_ema=target)
-        return state
-
-    def _forget_requests_not_in(self, req_ids: Sequence[str]) -> None:
-        # A request that left the batch (finished, or preempted) starts afresh if it comes back.
-        if len(self.requests) > 4 * max(len(req_ids), 64):
-            current = set(req_ids)
-            self.requests = {r: s for r, s in self.requests.items() if r in current}
+    @property
+    def requests(self) -> dict[str, RequestView]:
+        """Each known request's values (lam, acceptance_ema, accepted, observed), by id."""
+        return {r: RequestView(self.rows, r) for r in self.rows.known()}
 
     def token_acceptance(self, req_id: str, engine_rate: float | None = None) -> float:
         """The request's estimated acceptance of each draft token (the engine-wide rate until
-        the request has its own; pass `engine_rate` when asking for many requests)."""
-        state = self.requests.get(req_id)
-        if state is not None and state.observed > 0:
-            return state.accepted / state.observed
+        the request has its own)."""
+        values = self.rows.get(req_id)
+        if values is not None and values["observed"] > 0:
+            return values["accepted"] / values["observed"]
         return self.engine_acceptance() if engine_rate is None else engine_rate
+
+    def row_acceptance(self, rows: np.ndarray, engine_rate: float) -> np.ndarray:
+        """`token_acceptance` of the requests at batch rows `rows` (a bool mask or indices)."""
+        accepted, observed = self.rows.accepted[rows], self.rows.observed[rows]
+        seen = observed > 0
+        return np.where(seen, accepted / np.where(seen, observed, 1.0), engine_rate)
 
     def engine_acceptance(self) -> float:
         """Accepted / observed draft tokens over the calibrator's counts (0.5 before any)."""
@@ -203,73 +397,74 @@ class DraftLengthPolicy:
         self,
         req_ids: Sequence[str],
         scheduled: Sequence[Sequence[int]],
-        num_accepted: Sequence[int],
+        num_accepted: Sequence[int] | np.ndarray,
     ) -> None:
         """The target verified `scheduled[r]` (the draft tokens the scheduler kept for row r) and
         accepted `num_accepted[r]` of them. Rows whose draft is not the one this policy proposed
         (placeholders of resumed requests, a step the drafter did not run) are skipped."""
+        rows = self.rows
+        rows.align(req_ids)
         # Taken before anything can fail: a step whose feedback failed learns nothing, and
         # the next step never matches its verification against these drafts.
-        pending_drafts, self._pending = self._pending, {}
+        pending_len = rows.pending_len.copy()
+        rows.pending_len.fill(-1)
         raise_if_injected("spec:feedback")
-        rows: list[tuple[str, int, int, list[float]]] = []
-        for req_id, tokens, accepted in zip(req_ids, scheduled, num_accepted):
-            pending = pending_drafts.get(req_id)
-            drafted = len(tokens)
-            if drafted == 0 or pending is None or list(pending[0][:drafted]) != list(tokens):
-                continue
-            accepted = min(max(int(accepted), 0), drafted)
-            rows.append((req_id, drafted, accepted, pending[1][:drafted]))
-        if not rows:
+        num_rows = len(req_ids)
+        drafted = np.fromiter((len(t) for t in scheduled), dtype=np.int64, count=num_rows)
+        candidates = np.flatnonzero((drafted > 0) & (pending_len >= drafted)).tolist()
+        if not candidates:
             return
-        width = max(drafted for _, drafted, _, _ in rows)
-        confidence = torch.tensor([list(conf) + [0.0] * (width - drafted) for _, drafted, _, conf in rows],
-                                  dtype=torch.float32)
-        drafted_t = torch.tensor([d for _, d, _, _ in rows])
-        accepted_t = torch.tensor([a for _, _, a, _ in rows])
-        self.calibrator.update_from_verification(confidence, drafted_t, accepted_t)
+        tokens = rows.pending_tokens
+        matched = np.array(
+            [r for r in candidates if tokens[r][: drafted[r]] == list(scheduled[r])], dtype=np.int64)
+        if len(matched) == 0:
+            return
+        drafted = drafted[matched]
+        accepted = np.minimum(np.maximum(np.asarray(num_accepted, dtype=np.int64)[matched], 0), drafted)
+        width = int(drafted.max())
+        confidence = rows.pending_conf[matched, :width].copy()
+        confidence[np.arange(width)[None, :] >= drafted[:, None]] = 0.0
+        drafted_t = torch.from_numpy(drafted)
+        accepted_t = torch.from_numpy(accepted)
+        self.calibrator.update_from_verification(torch.from_numpy(confidence), drafted_t, accepted_t)
 
-        states = [self._request(req_id) for req_id, _, _, _ in rows]
         if isinstance(self.rule, AdaEDLStopRule):
             lam, ema = self.rule.update_lambda(
-                torch.tensor([s.lam for s in states], dtype=torch.float32),
-                torch.tensor([s.acceptance_ema for s in states], dtype=torch.float32),
+                torch.from_numpy(rows.lam[matched].astype(np.float32)),
+                torch.from_numpy(rows.acceptance_ema[matched].astype(np.float32)),
                 drafted_t,
                 accepted_t,
                 self.config.max_draft_tokens,
             )
-            for state, lam_r, ema_r in zip(states, lam.tolist(), ema.tolist()):
-                state.lam, state.acceptance_ema = lam_r, ema_r
-        for state, (_, drafted, accepted, _) in zip(states, rows):
-            # Verification tests a prefix: the tokens accepted and the first rejected one.
-            state.accepted = state.accepted * ACCEPTANCE_DECAY + accepted
-            state.observed = state.observed * ACCEPTANCE_DECAY + min(accepted + 1, drafted)
-            self.counters.verified_drafts += 1
-            self.counters.verified_tokens += drafted
-            self.counters.accepted_tokens += accepted
+            rows.lam[matched] = lam.numpy()
+            rows.acceptance_ema[matched] = ema.numpy()
+        # Verification tests a prefix: the tokens accepted and the first rejected one.
+        rows.accepted[matched] = rows.accepted[matched] * ACCEPTANCE_DECAY + accepted
+        rows.observed[matched] = rows.observed[matched] * ACCEPTANCE_DECAY + np.minimum(accepted + 1, drafted)
+        self.counters.verified_drafts += len(matched)
+        self.counters.verified_tokens += int(drafted.sum())
+        self.counters.accepted_tokens += int(accepted.sum())
 
     def begin(
-        self, req_ids: Sequence[str], decoding: Sequence[bool], k_max: int
+        self, req_ids: Sequence[str], decoding: Sequence[bool] | np.ndarray, k_max: int
     ) -> DraftInProgress:
         """Start this step's drafts for rows `req_ids`; `decoding[r]` is False for rows whose
         draft the scheduler will drop (prompt chunks). K is the controller's cap, at most k_max."""
-        self._forget_requests_not_in(req_ids)
+        self.rows.align(req_ids)
+        decoding = np.asarray(decoding, dtype=bool)
         k = min(k_max, self.config.max_draft_tokens)
         if self.controller is not None:
             raise_if_injected("spec:controller")
-            decoding_ids = [r for r, d in zip(req_ids, decoding) if d]
             width = self.controller.max_draft_tokens
-            engine_rate = self.engine_acceptance()
-            acceptance = torch.tensor(
-                [[self.token_acceptance(r, engine_rate)] * width for r in decoding_ids], dtype=torch.float64
-            ).reshape(len(decoding_ids), width)
+            rates = self.row_acceptance(decoding, self.engine_acceptance())
+            acceptance = torch.from_numpy(rates).unsqueeze(1).expand(len(rates), width)
             k = min(k, self.controller.decide(acceptance))
         if self._auto_threshold:
-            self._update_threshold(sum(1 for d in decoding if d))
-        lam = torch.tensor([self._request(r).lam for r in req_ids], dtype=torch.float32)
+            self._update_threshold(int(decoding.sum()))
+        lam = torch.from_numpy(self.rows.lam.astype(np.float32))
         self.counters.proposals += 1
         self.counters.cap_histogram[k] += 1
-        return DraftInProgress(self, len(req_ids), k, lam.to(self.device))
+        return DraftInProgress(self, len(req_ids), k, host_to_device(lam, self.device), self.alive_check_lag)
 
     def _update_threshold(self, num_rows: int) -> None:
         if self.config.draft_cost_ratio is None and self.controller is not None:
@@ -281,35 +476,38 @@ class DraftLengthPolicy:
             self.rule = dataclasses.replace(self.rule, threshold=threshold)  # type: ignore[type-var]
 
     def finish(
-        self, draft: DraftInProgress, req_ids: Sequence[str], decoding: Sequence[bool]
+        self, draft: DraftInProgress, req_ids: Sequence[str], decoding: Sequence[bool] | np.ndarray
     ) -> list[list[int]]:
         """Each row's draft: the tokens its stop rule kept (a prefix of the steps run)."""
         raise_if_injected("spec:finish")
-        if draft.steps == 0:
+        decoding = np.asarray(decoding, dtype=bool)
+        steps = draft.steps
+        if steps == 0:
             drafts: list[list[int]] = [[] for _ in req_ids]
-            confidences: list[list[float]] = [[] for _ in req_ids]
+            lengths = np.zeros(len(req_ids), dtype=np.int64)
         else:
-            kept = torch.stack(draft.kept, dim=1).cpu()
-            lengths = torch.cumprod(kept.to(torch.int64), dim=1).sum(dim=1).tolist()
-            tokens = torch.stack(draft.tokens, dim=1).cpu().tolist()
-            conf = torch.stack(draft.confidence, dim=1).float().cpu().tolist()
-            drafts = [row[:n] for row, n in zip(tokens, lengths)]
-            confidences = [row[:n] for row, n in zip(conf, lengths)]
-        counters = self.counters
-        counters.draft_passes += max(draft.steps, 1)
-        if draft.steps < draft.k:
-            counters.early_exits += 1
-        for req_id, tokens_r, conf_r, decoding_r in zip(req_ids, drafts, confidences, decoding):
-            if not decoding_r:
-                continue
-            self._pending[req_id] = (tokens_r, conf_r)
-            counters.draft_rows += 1
-            counters.draft_tokens += len(tokens_r)
-            counters.length_histogram[len(tokens_r)] += 1
-            if len(tokens_r) < draft.k:
-                counters.rule_stops += 1
+            tokens, lengths, confidence = to_host(*draft.stacked())
+            drafts = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+            rows = self.rows
+            if decoding.all():
+                rows.pending_tokens = drafts
             else:
-                counters.cap_reached += 1
+                rows.pending_tokens = [d if dec else old for d, old, dec
+                                       in zip(drafts, rows.pending_tokens, decoding.tolist())]
+            rows.pending_conf[decoding, :steps] = confidence[decoding]
+        self.rows.pending_len[decoding] = lengths[decoding]
+        counters = self.counters
+        counters.draft_passes += max(steps, 1)
+        if steps < draft.k:
+            counters.early_exits += 1
+        decoded = lengths[decoding]
+        counters.draft_rows += len(decoded)
+        counters.draft_tokens += int(decoded.sum())
+        histogram = np.bincount(decoded, minlength=len(counters.length_histogram))
+        counters.length_histogram = [a + int(b) for a, b in zip(counters.length_histogram, histogram)]
+        stopped = int((decoded < draft.k).sum())
+        counters.rule_stops += stopped
+        counters.cap_reached += len(decoded) - stopped
         return drafts
 
     def observe_step(
@@ -360,5 +558,5 @@ class DraftLengthPolicy:
             "specdec_threshold": getattr(self.rule, "threshold", None),
             "draft_cost_ratio": self.cost_ratio,
             "calibration": self.calibrator.estimates().tolist(),
-            "lambdas": {r: s.lam for r, s in self.requests.items()},
+            "lambdas": {r: self.rows.get(r)["lam"] for r in self.rows.known()},  # type: ignore[index]
         }

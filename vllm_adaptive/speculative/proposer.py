@@ -35,14 +35,24 @@ on a server), logged the first time per stage, and degrades that step only:
 
 Each keeps verification as it is, so greedy output stays the target's. Tests force each stage to
 fail through `vllm_adaptive.faults` (tests/engine/test_speculative_faults.py).
+
+Host-device traffic per step (issue #17): the previous step's rejection counts come to the host
+in one non-blocking copy; the draft loop reads no device value per draft step (the policy's
+alive check is lagged on a GPU); the drafts come back in one copy in `finish`. On a GPU the
+controller's step times come from CUDA events (`StepTimer`), read once they have completed
+(a step or more later), instead of a `torch.cuda.synchronize` per step; on CPU, where the
+engine runs synchronously, from the host clock.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
@@ -58,6 +68,51 @@ class _DraftsEnded(Exception):
     """Raised inside vLLM's draft loop when every row's draft has stopped."""
 
 
+class StepTimer:
+    """Step times for the controller, from CUDA events on a GPU (no synchronisation).
+
+    `start()` when propose begins (the target's step is queued before it), `end(...)` when it
+    returns; each ended step is kept until its end event has completed (`event.query()`), then
+    reported as verify seconds (GPU time from the previous step's end to this step's start: the
+    target's forward and sampling, None for the first) and draft seconds (start to end). Steps
+    are reported in order; at most `max_pending` wait (older ones are dropped, unreported).
+    `event_factory` makes the events (tests pass a stand-in for torch.cuda.Event).
+    """
+
+    def __init__(
+        self, report: Callable[[int, int, float | None, int, float], None],
+        event_factory: Callable[[], Any] | None = None, max_pending: int = 64,
+    ) -> None:
+        self.report = report
+        self.event_factory = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self.max_pending = max_pending
+        self._pending: collections.deque = collections.deque()
+        self._last_end: Any = None
+        self._start: Any = None
+
+    def start(self) -> None:
+        self._start = self.event_factory()
+        self._start.record()
+
+    def end(self, num_rows: int, num_tokens: int, num_passes: int) -> None:
+        if self._start is None:
+            return
+        end = self.event_factory()
+        end.record()
+        self._pending.append((num_rows, num_tokens, num_passes, self._last_end, self._start, end))
+        self._last_end, self._start = end, None
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft()
+        self.collect()
+
+    def collect(self) -> None:
+        """Report every step whose events have completed, oldest first."""
+        while self._pending and self._pending[0][5].query():
+            num_rows, num_tokens, passes, previous, start, end = self._pending.popleft()
+            verify = None if previous is None else previous.elapsed_time(start) / 1000.0
+            self.report(num_rows, num_tokens, verify, passes, start.elapsed_time(end) / 1000.0)
+
+
 class AdaptiveDraftModelProposer(DraftModelProposer):
     def __init__(self, vllm_config: Any, device: torch.device, runner: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
@@ -67,12 +122,16 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         self._failures_logged: set[str] = set()
         self.policy: DraftLengthPolicy | None = None
         self._publisher: SnapshotPublisher | None = None
+        self._timer: StepTimer | None = None
+        self._rejected_host: torch.Tensor | None = None
         adaptive = AdaptiveConfig.from_vllm_config(vllm_config)
         if adaptive is not None and adaptive.speculative.enabled:
             check_vllm_config(adaptive.speculative, vllm_config)
             if runner is None:
                 raise RuntimeError("adaptive drafting needs the model runner; vLLM passed none")
             self.policy = DraftLengthPolicy(adaptive.speculative, device=device)
+            if self.device.type == "cuda" and self.policy.controller is not None:
+                self._timer = StepTimer(self.policy.observe_step)
             # Under `vllm serve --plugin adaptive`: the counters on the API server's /metrics.
             self._publisher = SnapshotPublisher.from_environment(SPECULATIVE, self.policy.metrics_snapshot)
             logger.info(
@@ -130,15 +189,15 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         arguments: dict[str, Any],
     ) -> torch.Tensor | list[list[int]]:
         started = time.perf_counter()
-        if self.device.type == "cuda" and policy.controller is not None:
-            torch.cuda.synchronize(self.device)  # the target's step ends here, for its timing
-            started = time.perf_counter()
+        timer = self._timer
+        if timer is not None:
+            timer.start()
         num_rows = next_token_ids.shape[0]
         stage = "feedback"
         try:
             num_tokens = int(common_attn_metadata.num_actual_tokens)  # the target step's tokens
             req_ids = list(self._runner.input_batch.req_ids[:num_rows])
-            decoding = (self._runner.discard_request_mask.np[:num_rows] == 0).tolist()
+            decoding = self._runner.discard_request_mask.np[:num_rows] == 0
             self._observe_verification(req_ids, num_rows, num_rejected_tokens_gpu)
             stage = "controller"
             draft = policy.begin(req_ids, decoding, num_speculative_tokens)
@@ -160,11 +219,14 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         try:
             drafts = policy.finish(draft, req_ids, decoding)
             self._last_draft_probs = draft.draft_probs()
-            ended = time.perf_counter()
-            verify_seconds = None if self._last_step_end is None else started - self._last_step_end
             passes = max(draft.steps, 1)  # K = 0 still runs the first pass
-            policy.observe_step(num_rows, num_tokens, verify_seconds, passes, ended - started)
-            self._last_step_end = ended
+            if timer is not None:
+                timer.end(num_rows, num_tokens, passes)
+            else:
+                ended = time.perf_counter()
+                verify_seconds = None if self._last_step_end is None else started - self._last_step_end
+                policy.observe_step(num_rows, num_tokens, verify_seconds, passes, ended - started)
+                self._last_step_end = ended
         except Exception:
             self._failed("finish")
             if upstream is not None:
@@ -205,12 +267,28 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         if num_rejected_tokens_gpu is None:
             return
         runner = self._runner
-        scheduled = runner.num_decode_draft_tokens.np[:num_rows].tolist()  # -1: prompt chunk
-        rejected = num_rejected_tokens_gpu[:num_rows].tolist()
-        drafts = [list(runner.input_batch.spec_token_ids[i]) if scheduled[i] > 0 else []
-                  for i in range(num_rows)]
-        accepted = [max(scheduled[i], 0) - rejected[i] for i in range(num_rows)]
+        scheduled = runner.num_decode_draft_tokens.np[:num_rows]  # -1: prompt chunk
+        rejected = self._rejections_to_host(num_rejected_tokens_gpu[:num_rows])
+        spec_token_ids = runner.input_batch.spec_token_ids
+        drafts = [spec_token_ids[i] if n > 0 else () for i, n in enumerate(scheduled.tolist())]
+        accepted = np.maximum(scheduled, 0).astype(np.int64) - rejected
         self.policy.observe_verification(req_ids, drafts, accepted)
+
+    def _rejections_to_host(self, rejected: torch.Tensor) -> np.ndarray:
+        """The rejection counts on the host (int64): one non-blocking copy into a persistent
+        pinned buffer on a GPU, waited on by its event."""
+        if rejected.device.type != "cuda":
+            return rejected.numpy().astype(np.int64)
+        buffer = self._rejected_host
+        if buffer is None or buffer.shape[0] < rejected.shape[0] or buffer.dtype != rejected.dtype:
+            buffer = self._rejected_host = torch.empty(
+                max(rejected.shape[0], 256), dtype=rejected.dtype, pin_memory=True)
+        host = buffer[: rejected.shape[0]]
+        host.copy_(rejected, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        copied.synchronize()
+        return host.numpy().astype(np.int64)
 
     def _failed(self, stage: str) -> None:
         """Count a failure at `stage` (policy.FAILURE_STAGES); log the first one of each stage."""

@@ -86,6 +86,14 @@ def draft_stats_from_probs(
     return draft_stats(torch.log(probs.float()), token_ids, entropy)
 
 
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` (on the host) on `device`. To a GPU, through pinned memory with a non-blocking
+    copy: a copy from pageable memory waits for all the work queued on the stream."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def _check_token_ids(token_ids: torch.Tensor, logits: torch.Tensor) -> None:
     if token_ids.shape != logits.shape[:1] or token_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(
@@ -359,7 +367,7 @@ class AcceptanceCalibrator:
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0] != device:
-            table = self.estimates().to(device=device, dtype=torch.float32)
+            table = host_to_device(self.estimates().to(torch.float32), device)
             self._tables = (device, table, torch.log(table))
         return self._tables[1], self._tables[2]
 
