@@ -22,24 +22,21 @@ the adaptive logic moves to its speculator).
 from __future__ import annotations
 
 import ast
-import importlib.abc
-import importlib.util
 import inspect
 import logging
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+from ._import_hook import OnImport
 
 logger = logging.getLogger(__name__)
 
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 SYMBOL = "DraftModelProposer"
 _MARK = "__vllm_adaptive_original__"
-_lock = threading.Lock()
-_hook: _AfterImport | None = None
 
 
 def rebind(module: ModuleType) -> None:
@@ -65,66 +62,16 @@ def rebind(module: ModuleType) -> None:
         record_failure(spec, e)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `callback(module)` right after `name` is imported, then leaves sys.meta_path."""
-
-    def __init__(self, name: str, callback: Callable[[ModuleType], None]) -> None:
-        self.name = name
-        self.callback = callback
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.name:
-            return None
-        self.remove()
-        spec = importlib.util.find_spec(fullname)  # the real one, from the remaining finders
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenCall(spec.loader, self.callback)
-        return spec
-
-    def remove(self) -> None:
-        global _hook
-        with _lock:
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            if _hook is self:
-                _hook = None
-
-
-class _ThenCall(importlib.abc.Loader):
-    def __init__(self, loader: Any, callback: Callable[[ModuleType], None]) -> None:
-        self._loader = loader
-        self._callback = callback
-
-    def create_module(self, spec: Any) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
-        self._callback(module)
-
-    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... of the real loader
-        return getattr(self._loader, name)
+_hook = OnImport(RUNNER_MODULE, rebind)
 
 
 def apply() -> None:
-    global _hook
-    module = sys.modules.get(RUNNER_MODULE)
-    if module is not None:
-        rebind(module)
-        return
-    with _lock:
-        if _hook is None:
-            _hook = _AfterImport(RUNNER_MODULE, rebind)
-            sys.meta_path.insert(0, _hook)
+    _hook.install()
 
 
 def revert() -> None:
     """Take the import hook out, or point the global back at vLLM's class."""
-    global _hook
-    with _lock:
-        if _hook is not None and _hook in sys.meta_path:
-            sys.meta_path.remove(_hook)
-        _hook = None
+    _hook.uninstall()
     module = sys.modules.get(RUNNER_MODULE)
     current = getattr(module, SYMBOL, None) if module is not None else None
     if current is not None and _MARK in vars(current):

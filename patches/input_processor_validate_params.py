@@ -1,4 +1,4 @@
-"""Patch: refuse adaptive samplers at admission when the deployment runs speculative decoding.
+"""Patch: admission checks for what the plugin's processor cannot check on speculating engines.
 
 vLLM's V1 runner does not run custom logits processors under speculative decoding, so the
 plugin does not load its processor on such deployments, and with it goes the processor's
@@ -6,12 +6,20 @@ plugin does not load its processor on such deployments, and with it goes the pro
 be served with plain sampling, silently. The wrapper runs vLLM's own checks first, then, only
 for engines that run `--plugin adaptive` with a speculative config, answers such requests with
 a validation error (HTTP 400 over the API) that says why.
+
+It also admits Entropy Adaptive Decoding (EAD) requests (`ead`, `ead_*` in extra_args, or every
+request where `routing.default_on`), on every engine that runs the plugin: it refuses them,
+naming the parameter, where the deployment does not serve EAD, where a value is bad
+(vllm_adaptive.routing.params), and where the small model would not follow the request's
+sampling options (the draft sampler uses the temperature only:
+vllm/v1/spec_decode/llm_base_proposer.py, compute_probs_and_sample_next_token), since the
+small model's tokens are accepted unverified.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NoReturn
 
 from vllm.v1.engine.input_processor import InputProcessor
 
@@ -24,7 +32,7 @@ def refuse_samplers_under_speculation(processor: Any, params: Any) -> None:
     from vllm.exceptions import VLLMValidationError
 
     from vllm_adaptive import metrics
-    from vllm_adaptive.config import ADDITIONAL_CONFIG_KEY, AdaptiveConfig
+    from vllm_adaptive.config import ADDITIONAL_CONFIG_KEY
     from vllm_adaptive.sampling.params import ALL_PARAM_KEYS, SAMPLER_KEY
 
     vllm_config = processor.vllm_config
@@ -35,7 +43,7 @@ def refuse_samplers_under_speculation(processor: Any, params: Any) -> None:
         return
     extra = params.extra_args or {}
     ours = sorted(({SAMPLER_KEY} | ALL_PARAM_KEYS).intersection(extra))
-    counting = AdaptiveConfig.from_dict(adaptive).metrics.enabled
+    counting = _config_of(adaptive).metrics.enabled
     if not ours:
         if counting:
             metrics.count_request("none")
@@ -52,6 +60,128 @@ def refuse_samplers_under_speculation(processor: Any, params: Any) -> None:
     )
 
 
+def refuse_unservable_routing(processor: Any, params: Any) -> None:
+    """Raise VLLMValidationError if `params` asks for EAD where it cannot be honoured.
+
+    Looked at: requests with an EAD key, and every request where routing.default_on. Requests
+    that do not use EAD (no key and default_on false, or `ead: false` alone) pass untouched.
+    """
+    from vllm import SamplingParams
+
+    from vllm_adaptive.config import ADDITIONAL_CONFIG_KEY
+    from vllm_adaptive.routing.params import ENABLE_KEY, parse_request, sent_routing_keys
+    from vllm_adaptive.sampling.param_spec import SamplerParamError
+
+    vllm_config = processor.vllm_config
+    adaptive = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
+    if adaptive is None or not isinstance(params, SamplingParams):
+        return
+    extra = params.extra_args or {}
+    sent = sent_routing_keys(extra)
+    routing = _config_of(adaptive).routing
+    if not sent and not routing.default_on:
+        return
+    if not routing.enabled:  # default_on needs enabled, so the request sent a key
+        try:
+            if parse_request(extra, routing) is None:
+                return  # `ead: false` alone is honoured everywhere
+        except SamplerParamError:
+            pass  # the deployment's refusal says more than the value's
+        key = sent[0]
+        _refuse(key, extra[key], f"{key}={extra[key]!r} cannot be served here: this deployment "
+                "does not serve Entropy Adaptive Decoding (routing.enabled is false in its "
+                "adaptive config). Send the request without the ead_* keys, or use a deployment "
+                "with routing.enabled: true.")
+    try:
+        request = parse_request(extra, routing)
+    except SamplerParamError as e:
+        _refuse(e.parameter, e.value, str(e))
+    if request is None:
+        return
+    speculative_config = vllm_config.speculative_config
+    if speculative_config is None or getattr(speculative_config, "method", None) != "draft_model":
+        # Start-up refuses this (vllm_adaptive.routing.compatibility); an engine built around
+        # engine_kwargs may still get here.
+        key = sent[0] if sent else ENABLE_KEY
+        _refuse(key, extra.get(key, True), f"{key}={extra.get(key, True)!r} cannot be served here: "
+                "this deployment runs no draft-model speculation, which Entropy Adaptive Decoding "
+                "needs. Send the request without the ead_* keys.")
+    found = _unhonoured_options(params, speculative_config)
+    if found:
+        why = "; ".join(f"{name}={option!r}: {reason}" for name, option, reason in found)
+        opted = (
+            f"it sends {sent}" if sent else
+            f"this deployment uses EAD for every request that does not send {ENABLE_KEY}: false"
+        )
+        _refuse(found[0][0], found[0][1],
+                f"this request uses Entropy Adaptive Decoding ({opted}), which accepts the small "
+                f"model's tokens unverified, so the small model must follow the request's sampling "
+                f"options, and here it would not: {why}. Change these options, or send "
+                f"{ENABLE_KEY}: false.")
+
+
+def _refuse(parameter: str, value: Any, message: str) -> NoReturn:
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_adaptive import metrics
+
+    metrics.count_rejected(parameter)
+    raise VLLMValidationError(message, parameter=parameter, value=value)
+
+
+def _unhonoured_options(params: Any, speculative_config: Any) -> list[tuple[str, Any, str]]:
+    """(option, value, why) for each of the request's sampling options the small model would
+    not follow on this deployment; empty when it follows them all."""
+    from vllm.sampling_params import SamplingType
+
+    found = []
+    # The draft model writes its argmax (greedy) or a plain temperature sample: penalties never
+    # reach it, so even a greedy request's small tokens would ignore them.
+    for name, neutral in _PENALTIES:
+        value = getattr(params, name)
+        if value != neutral:
+            found.append((name, value, f"the small model ignores penalties (send {neutral})"))
+    if params.sampling_type == SamplingType.GREEDY:
+        return found  # vLLM resets top_k, top_p and min_p; a seed changes nothing
+    if getattr(speculative_config, "draft_sample_method", "greedy") == "greedy":
+        found.insert(0, (
+            "temperature", params.temperature,
+            "the deployment's small model drafts greedily (speculative_config "
+            "draft_sample_method is 'greedy'), so it would write its argmax, not a sample; send "
+            "temperature 0, or use a deployment with draft_sample_method 'probabilistic'",
+        ))
+    full = "the small model samples from its full distribution"
+    if params.top_k not in (0, -1):
+        found.append(("top_k", params.top_k, f"{full} (send 0)"))
+    if params.top_p < 1.0:
+        found.append(("top_p", params.top_p, f"{full} (send 1)"))
+    if params.min_p > 0.0:
+        found.append(("min_p", params.min_p, f"{full} (send 0)"))
+    if params.seed is not None:
+        found.append(("seed", params.seed, "the small model's samples are not seeded (leave it out)"))
+    return found
+
+
+# SamplingParams' penalties and their neutral values (vllm/sampling_params.py).
+_PENALTIES = (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0))
+# The last deployment config parsed here, by the identity of its additional_config entry: every
+# request of an engine carries the same one, so it is built once, not per request.
+_parsed: tuple[Any, Any] | None = None
+
+
+def _config_of(adaptive: Any) -> Any:
+    """The AdaptiveConfig of an engine's additional_config["adaptive"]."""
+    from vllm_adaptive.config import AdaptiveConfig
+
+    global _parsed
+    cached = _parsed
+    if cached is not None and cached[0] is adaptive:
+        return cached[1]
+    config = AdaptiveConfig.from_dict(adaptive)
+    _parsed = (adaptive, config)
+    return config
+
+
 def apply() -> None:
     current = InputProcessor.__dict__["_validate_params"]
     if hasattr(current, _MARK):
@@ -61,6 +191,7 @@ def apply() -> None:
     def _validate_params(self: InputProcessor, params: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, params, *args, **kwargs)
         refuse_samplers_under_speculation(self, params)
+        refuse_unservable_routing(self, params)
         return result
 
     setattr(_validate_params, _MARK, original)

@@ -166,4 +166,34 @@ PATCHES: tuple[PatchSpec, ...] = (
         ),
         contract_on_import=True,
     ),
+    PatchSpec(
+        name="ead-forced-acceptance",
+        module="rejection_sampler_rejection_sample",
+        target="vllm.v1.sample.rejection_sampler.rejection_sample",
+        stage="general_plugin",
+        why=(
+            "Entropy Adaptive Decoding (issue #16) accepts the small model's tokens unverified "
+            "where its entropy is low; vLLM has no per-request lossy acceptance and no hook "
+            "between the sampling constraints and the acceptance kernels, and the forced "
+            "positions need the constrained target logits so that grammar, bad words, allowed "
+            "token ids and min_tokens still win."
+        ),
+        how=(
+            "Rebind the module global rejection_sample (called by name from "
+            "RejectionSampler.forward) to a wrapper: without an armed routing plan it calls "
+            "vLLM's function unchanged; with one, vllm_adaptive.routing.gate turns each forced "
+            "position's logits row into a one-hot on the draft token in a copy (vetoed where a "
+            "constraint forbids it), delegates, and drops the bonus token where the plan says. "
+            "Applied when vllm.v1.sample.rejection_sampler is imported (a one-shot import hook)."
+        ),
+        upstream=(
+            "none in 0.32: rejection_sample_method 'synthetic' accepts by preset rates for all "
+            "requests (and asserts on CPU); 'block' is lossless."
+        ),
+        removal=(
+            "When vLLM offers per-request lossy acceptance or a hook after "
+            "apply_sampling_constraints in RejectionSampler.forward."
+        ),
+        contract_on_import=True,
+    ),
 )

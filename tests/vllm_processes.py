@@ -1,7 +1,9 @@
-"""Starting and stopping real vLLM processes for tests: the `vllm` command and one server."""
+"""Starting and stopping real vLLM processes for tests: the `vllm` command, one server, and a
+plain-vLLM run in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -19,6 +22,7 @@ from reference import ENGINE_ARGS, KV_CACHE_BYTES, MAX_MODEL_LEN
 SERVER_TAU = 2.0
 SERVER_CONFIG = f"sampling:\n  mirostat_tau: {SERVER_TAU}\n  mirostat_eta: 0.1\n"
 SERVER_START_TIMEOUT_S = 420
+TESTS = Path(__file__).parent
 
 
 def vllm_command() -> list[str]:
@@ -80,3 +84,14 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+
+
+def plain_run(model: Path, engine_args: dict[str, Any], out: Path, **workload: Any) -> dict[str, Any]:
+    """reference.spec_workload in plain vLLM (no plugin loaded), in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "plain_vllm_run.py"), str(model), str(out), json.dumps(engine_args),
+         json.dumps(workload)],
+        env={**os.environ, "VLLM_PLUGINS": ""}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"plain vLLM run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vllm_adaptive.errors import ConfigError
+from vllm_adaptive.routing.config import RoutingConfig
 from vllm_adaptive.sampling.param_spec import as_number, shown
 from vllm_adaptive.sampling.registry import PARAMS_BY_KEY
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig
@@ -72,6 +73,19 @@ class AdaptiveConfig:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     # Adaptive draft length for vLLM's draft-model speculation (vllm_adaptive.speculative).
     speculative: AdaptiveDraftConfig = dataclasses.field(default_factory=AdaptiveDraftConfig)
+    # Entropy Adaptive Decoding on draft-model speculation (vllm_adaptive.routing).
+    routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        # EAD v1 runs on vLLM's fixed-K proposer path: every request drafts K tokens and the
+        # routing decides which of them are accepted unverified; adaptive draft length would
+        # stop drafts on its own rules underneath it. The two are not combined yet.
+        if self.routing.enabled and self.speculative.enabled:
+            raise ConfigError(
+                "routing.enabled and speculative.enabled cannot both be true: EAD (routing) runs "
+                "on vLLM's fixed draft length in this version, and adaptive draft length "
+                "(speculative) changes it per request; set one of them to false"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "adaptive config") -> AdaptiveConfig:

@@ -28,6 +28,10 @@ FAULT_POINTS: dict[str, str] = {
     "sampler:update_state": "adaptive sampling, admitting a request that chose a sampler "
     "(V1 update_state, MRV2 add_request)",
     "sampler:apply": "adaptive sampling, a sampler's step on its requests' logits rows",
+    "routing:gate": "EAD routing, forcing the planned positions at verification",
+    "routing:commit": "EAD routing, learning what the previous step's verification emitted",
+    "routing:draft": "EAD routing, the switching machine at a draft step",
+    "routing:finish": "EAD routing, building the step's drafts and plan",
 }
 
 

@@ -6,7 +6,8 @@ config its AdaptiveLogitsProcessor was built with and its live counters (request
 parked by preemption and resumed; sampler failures in all and by sampler and stage, the figures
 a server shows as `vllm_adaptive:sampler_failures_total`), and, on engines that speculate with
 vLLM's draft-model method, the state of the adaptive draft-model proposer (draft lengths,
-acceptances, the controller's cap).
+acceptances, the controller's cap) and of EAD routing (tokens written by each model, switches,
+target passes, forced and vetoed positions, failures).
 """
 
 from __future__ import annotations
@@ -35,10 +36,19 @@ def speculative_state(worker: Any) -> dict[str, Any] | None:
     return state() if callable(state) else None
 
 
+def routing_state(worker: Any) -> dict[str, Any] | None:
+    """EAD routing's counters and config (vllm_adaptive.routing.policy), or None when the
+    worker does not route (no `routing.enabled`, no draft-model speculation)."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    routing = getattr(drafter, "routing", None)
+    return routing.snapshot() if routing is not None else None
+
+
 def adaptive_worker_state(worker: Any) -> dict[str, Any]:
     processors = find_processors(worker)
     return {
         "pid": os.getpid(),
         "speculative": speculative_state(worker),
+        "routing": routing_state(worker),
         "processors": [p.worker_state() for p in processors],
     }

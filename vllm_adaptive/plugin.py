@@ -7,7 +7,8 @@ and every worker) and our class appended to `logits_processors` (loaded by the w
 by the API server to validate per-request arguments at admission). With `speculative.enabled`
 it also checks the deployment's speculative config and engine arguments against what adaptive
 draft length supports, fills `num_speculative_tokens` when absent and turns async scheduling
-off (vllm_adaptive.speculative.compatibility).
+off (vllm_adaptive.speculative.compatibility); with `routing.enabled` (EAD) it checks them
+against what EAD supports and turns async scheduling off (vllm_adaptive.routing.compatibility).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def asks_for_plugin(argv: list[str]) -> bool:
 def check_available(speculative: bool = False) -> None:
     """Raise PluginUnavailableError when a patch the deployment needs was not applied.
 
-    With `speculative`, the adaptive proposer's contract (checked in workers when they import
-    vLLM's runner) is checked here too, so the deployment stops before its engine starts.
+    With `speculative` (adaptive drafting or EAD), the contracts of the patches checked in
+    workers when they import vLLM's runner (the adaptive proposer's) are checked here too, so
+    the deployment stops before its engine starts.
     """
     from vllm_adaptive.patches import PATCHES, failures, load, record_failure
 
@@ -110,7 +112,8 @@ def engine_kwargs(
     """Engine arguments that turn the plugin on; other engine arguments pass through."""
     global _frontend_config
     adaptive = load_config(config)
-    check_available(speculative=adaptive.speculative.enabled)
+    # EAD (routing) runs in the same proposer patch as adaptive drafting.
+    check_available(speculative=adaptive.speculative.enabled or adaptive.routing.enabled)
     merged_additional = dict(additional_config or {})
     merged_additional[ADDITIONAL_CONFIG_KEY] = adaptive.to_dict()
     processors = list(logits_processors or [])
@@ -119,6 +122,13 @@ def engine_kwargs(
 
         # Raises ConfigError naming every setting adaptive drafting cannot run with.
         settings = check_engine_arguments(adaptive.speculative, speculative_config, other)
+        speculative_config = settings.pop("speculative_config")
+        other.update(settings)
+    if adaptive.routing.enabled:
+        from vllm_adaptive.routing.compatibility import check_engine_arguments as check_routing
+
+        # Raises ConfigError naming every setting EAD cannot run with.
+        settings = check_routing(adaptive.routing, speculative_config, other)
         speculative_config = settings.pop("speculative_config")
         other.update(settings)
     if speculative_config:

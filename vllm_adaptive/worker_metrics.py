@@ -43,6 +43,7 @@ ENV_DIR = "VLLM_ADAPTIVE_WORKER_METRICS_DIR"
 FLUSH_SECONDS = 0.5
 SPECULATIVE = "speculative"
 SAMPLER = "sampler"
+ROUTING = "routing"
 
 _lock = threading.Lock()
 _served_dir: Path | None = None

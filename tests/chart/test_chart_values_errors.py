@@ -44,7 +44,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("image digest that is not one", {"image": {"digest": "latest"}}, ["/image/digest"]),
     ("unknown adaptive key", {"adaptive": {"sampling": {"mirostat_tua": 3.0}}},
      ["/adaptive/sampling", "'mirostat_tua' not allowed"]),
-    ("unknown adaptive section", {"adaptive": {"routing": {}}}, ["/adaptive", "'routing' not allowed"]),
+    ("unknown adaptive section", {"adaptive": {"samplers": {}}}, ["/adaptive", "'samplers' not allowed"]),
     ("adaptive value of the wrong type", {"adaptive": {"speculative": {"max_draft_tokens": "eight"}}},
      ["/adaptive/speculative/max_draft_tokens"]),
     ("adaptive choice outside its set", {"adaptive": {"speculative": {"stop_rule": "sometimes"}}},

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,12 @@ import vllm_adaptive
 import draft_models
 from draft_models import ensure_contrary_draft, ensure_truncated_draft
 from reference import ENGINE_ARGS, SPEC_PROMPTS, spec_workload
+from vllm_processes import plain_run
 from vllm_adaptive.introspection import adaptive_worker_state
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig, initial_k
 
 pytestmark = pytest.mark.engine
 
-TESTS = Path(__file__).parent.parent
 K_MAX = 4
 # 64 MiB of KV cache: plenty for 8 requests of ~60 tokens, small beside the other job here.
 ENGINE = {**ENGINE_ARGS, "kv_cache_memory_bytes": 64 << 20, "disable_log_stats": False}
@@ -50,17 +48,6 @@ ENTROPY_RULE = {"enabled": True, "max_draft_tokens": K_MAX, "stop_rule": "entrop
 
 def speculative_config(draft: Path, k: int = K_MAX) -> dict[str, Any]:
     return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
-
-
-def plain_run(model: Path, engine_args: dict[str, Any], out: Path, **workload: Any) -> dict[str, Any]:
-    """reference.spec_workload in plain vLLM (no plugin loaded), in a subprocess."""
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "plain_vllm_run.py"), str(model), str(out), json.dumps(engine_args),
-         json.dumps(workload)],
-        env={**os.environ, "VLLM_PLUGINS": ""}, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, f"plain vLLM run failed:\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
 
 
 def plugin_run(model: Path, config: dict[str, Any], workload: dict[str, Any] | None = None,

@@ -47,6 +47,7 @@ engine runs synchronously, from the host clock.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -57,9 +58,11 @@ import torch
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_adaptive.config import AdaptiveConfig
+from vllm_adaptive.routing import gate as routing_gate
+from vllm_adaptive.routing.policy import RoutedDraft, RoutingPolicy, emitted_rows, entropy_bits
 from vllm_adaptive.speculative.compatibility import check_vllm_config
 from vllm_adaptive.speculative.policy import DraftInProgress, DraftLengthPolicy
-from vllm_adaptive.worker_metrics import SPECULATIVE, SnapshotPublisher
+from vllm_adaptive.worker_metrics import ROUTING, SPECULATIVE, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +127,13 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         self._publisher: SnapshotPublisher | None = None
         self._timer: StepTimer | None = None
         self._rejected_host: torch.Tensor | None = None
+        self.routing: RoutingPolicy | None = None
+        self._routed: RoutedDraft | None = None
+        self._gate: routing_gate.RoutingGate | None = None
+        self._gate_seen = (0, 0)  # (mismatched rows, failures) already added to the counters
         adaptive = AdaptiveConfig.from_vllm_config(vllm_config)
+        if adaptive is not None and adaptive.routing.enabled:
+            self._start_routing(adaptive, vllm_config, device, runner)
         if adaptive is not None and adaptive.speculative.enabled:
             check_vllm_config(adaptive.speculative, vllm_config)
             if runner is None:
@@ -169,6 +178,12 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             num_rejected_tokens_gpu=num_rejected_tokens_gpu,
             slot_mappings=slot_mappings,
         )
+        if self.routing is not None:
+            try:
+                return self._propose_routed(self.routing, num_speculative_tokens, next_token_ids, arguments)
+            finally:
+                if self._publisher is not None:
+                    self._publisher.touch()
         policy = self.policy
         if policy is None:
             return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
@@ -240,6 +255,8 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
     def _sample_draft_tokens(
         self, hidden_states: torch.Tensor, sampling_metadata: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._routed is not None:
+            return self._sample_routed(self._routed, hidden_states, sampling_metadata)
         draft = self._draft
         if draft is None or draft.failed:
             return super()._sample_draft_tokens(hidden_states, sampling_metadata)
@@ -256,6 +273,145 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         if end:
             raise _DraftsEnded
         return token_ids, probs
+
+    # --- EAD routing (vllm_adaptive.routing) ------------------------------------------------------
+
+    def _start_routing(self, adaptive: AdaptiveConfig, vllm_config: Any, device: torch.device,
+                       runner: Any) -> None:
+        from vllm_adaptive.routing.compatibility import check_vllm_config as check_routing
+
+        check_routing(adaptive.routing, vllm_config)
+        if runner is None:
+            raise RuntimeError("EAD routing needs the model runner; vLLM passed none")
+        k = int(vllm_config.speculative_config.num_speculative_tokens)
+        self.routing = RoutingPolicy(adaptive.routing, k, device=device)
+        self._gate = routing_gate.RoutingGate(runner)
+        routing_gate.install(self._gate)
+        self._publisher = SnapshotPublisher.from_environment(ROUTING, self.routing_snapshot)
+        logger.info("vllm-adaptive: EAD routing on (default mode %s, tau %.3g bits, window %d, "
+                    "min stint %d, K %d)", adaptive.routing.mode, adaptive.routing.tau,
+                    adaptive.routing.window, adaptive.routing.min_stint, k)
+
+    def _propose_routed(
+        self, routing: RoutingPolicy, num_speculative_tokens: int, next_token_ids: torch.Tensor,
+        arguments: dict[str, Any],
+    ) -> torch.Tensor | list[list[int]]:
+        runner = self._runner
+        num_rows = next_token_ids.shape[0]
+        req_ids = list(runner.input_batch.req_ids[:num_rows])
+        discard = runner.discard_request_mask.np[:num_rows] != 0
+        states = [runner.requests.get(r) for r in req_ids]
+        try:
+            routings = [routing.routing_of(r, functools.partial(self._parse_routing, s))
+                        for r, s in zip(req_ids, states)]
+        except Exception:
+            self._routing_failed("begin")
+            return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+        try:
+            self._commit_routed(routing, req_ids, routings, states, discard)
+        except Exception:
+            self._routing_failed("commit")
+        try:
+            draft = routing.begin(req_ids, routings, ~discard)
+        except Exception:
+            self._routing_failed("begin")
+            return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+        if draft is None:  # no EAD row decodes: vLLM's own step
+            return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+        self._routed = draft
+        upstream = None
+        try:
+            upstream = super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
+        except _DraftsEnded:
+            pass
+        finally:
+            self._routed = None
+        if draft.failed:
+            return upstream  # vLLM's drafts, verified losslessly (no plan)
+        try:
+            drafts, plan = routing.finish(draft)
+            self._last_draft_probs = draft.draft_probs()
+        except Exception:
+            self._routing_failed("finish")
+            if upstream is not None:
+                return upstream
+            self._last_draft_probs = None
+            return [[] for _ in range(num_rows)]
+        assert self._gate is not None
+        self._gate.arm(plan)
+        return drafts
+
+    def _commit_routed(self, routing: RoutingPolicy, req_ids: list[str], routings: list[Any],
+                       states: list[Any], discard: np.ndarray) -> None:
+        gate = self._gate
+        assert gate is not None
+        receipt = gate.take_receipt()
+        counters = gate.counters
+        seen_mismatched, seen_failures = self._gate_seen
+        routing.add_gate_counts(counters.mismatched_rows - seen_mismatched, counters.failures - seen_failures)
+        self._gate_seen = (counters.mismatched_rows, counters.failures)
+        if receipt is not None and receipt.req_ids != req_ids:
+            receipt = None  # not this batch's verification
+        output = forced = vetoed = None
+        if receipt is not None:
+            tensors = [receipt.output] + [t for t in (receipt.forced, receipt.vetoed) if t is not None]
+            host = [t.cpu().numpy() for t in tensors]  # one wait: the step's outputs are needed anyway
+            output = host[0]
+            if receipt.forced is not None:
+                forced, vetoed = host[1], host[2]
+        routed_states = [s if r is not None else None for s, r in zip(states, routings)]
+        routing.commit(req_ids, emitted_rows(receipt, output, forced, vetoed, req_ids,
+                                             routed_states, discard))
+        if len(routing.routings) > 2 * max(len(req_ids), 64):
+            requests = self._runner.requests
+            routing.forget(lambda r: r in requests)
+
+    def _parse_routing(self, state: Any) -> Any:
+        from vllm_adaptive.routing.params import parse_request
+
+        if state is None or state.sampling_params is None:
+            return None
+        assert self.routing is not None
+        return parse_request(state.sampling_params.extra_args, self.routing.config)
+
+    def _sample_routed(
+        self, draft: RoutedDraft, hidden_states: torch.Tensor, sampling_metadata: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if draft.failed:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        logits = self.model.compute_logits(hidden_states)
+        try:
+            entropy = entropy_bits(logits)  # before _sample_from_logits divides by temperature
+        except Exception:
+            draft.failed = True
+            self._routing_failed("draft")
+            return self._sample_from_logits(logits, sampling_metadata)
+        token_ids, probs = self._sample_from_logits(logits, sampling_metadata)
+        try:
+            draft.record(logits, token_ids, probs, entropy)
+            end = draft.should_end()
+        except Exception:
+            draft.failed = True
+            self._routing_failed("draft")
+            return token_ids, probs
+        if end:
+            raise _DraftsEnded
+        return token_ids, probs
+
+    def _routing_failed(self, stage: str) -> None:
+        assert self.routing is not None
+        self.routing.record_failure(stage)
+        key = "routing:" + stage
+        if key not in self._failures_logged:
+            self._failures_logged.add(key)
+            logger.exception(
+                "vllm-adaptive: EAD routing failed at stage %r; this step is verified losslessly "
+                "(further failures at this stage are counted in "
+                "vllm_adaptive:ead_failures_total{stage=%r}, not logged)", stage, stage)
+
+    def routing_snapshot(self) -> dict[str, Any]:
+        assert self.routing is not None
+        return self.routing.snapshot()
 
     # --- helpers -----------------------------------------------------------------------------
 
