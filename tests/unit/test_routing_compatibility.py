@@ -329,3 +329,12 @@ def test_refusals_are_counted_by_parameter() -> None:
     before = count()
     refusal(SERVING, temperature=0.0, extra_args={"ead_min_stint": 2000})
     assert count() == before + 1
+
+
+def test_a_missing_draft_length_gets_the_default() -> None:
+    from vllm_adaptive.routing.compatibility import check_engine_arguments
+
+    settings = check_engine_arguments(RoutingConfig(enabled=True), {"method": "draft_model", "model": "m"}, {})
+    assert settings["speculative_config"] == {"method": "draft_model", "model": "m", "num_speculative_tokens": 4}
+    given = check_engine_arguments(RoutingConfig(enabled=True), DRAFT, {})
+    assert given["speculative_config"] == DRAFT

@@ -31,6 +31,10 @@ from vllm_adaptive.speculative.compatibility import (
     runner_problems,
 )
 
+# K when the deployment's speculative config does not say (`make serve DRAFT_MODEL=draft`): the
+# draft length of non-EAD requests and of speculative-mode EAD drafts, and faithful mode's cap.
+DEFAULT_DRAFT_TOKENS = 4
+
 _EAD = ProposerNeeds(
     method_why="EAD routes inside vLLM's draft-model proposer only",
     flags_off={
@@ -83,7 +87,8 @@ def check_engine_arguments(
     """Check a deployment's engine arguments; returns the engine arguments to set.
 
     `speculative_config`: what the deployment passes to vLLM (a dict, or a SpeculativeConfig),
-    returned unchanged. Async scheduling, when not chosen, is turned off (vLLM would turn it on
+    returned unchanged except that a dict without num_speculative_tokens gets
+    DEFAULT_DRAFT_TOKENS. Async scheduling, when not chosen, is turned off (vLLM would turn it on
     for draft models on GPU). No `config` field constrains vLLM's settings so far; it is taken
     so that the callers need not change when one does.
     """
@@ -93,6 +98,8 @@ def check_engine_arguments(
             '--speculative-config \'{"method": "draft_model", "model": DRAFT_MODEL, '
             '"num_speculative_tokens": K}\' (offline: speculative_config={...})'
         ])
+    if isinstance(speculative_config, Mapping) and speculative_config.get("num_speculative_tokens") is None:
+        speculative_config = {**speculative_config, "num_speculative_tokens": DEFAULT_DRAFT_TOKENS}
     _raise(problems(engine_settings(speculative_config, engine_args, _KEYS)))
     return {"speculative_config": speculative_config, "async_scheduling": False}
 
