@@ -222,8 +222,8 @@ class RoutingPolicy:
 
     def forget(self, live: Callable[[str], bool]) -> None:
         """Drop the state of requests for which `live(req_id)` is false (finished)."""
-        for req_id in [r for r in self.routings if not live(r)]:
-            del self.routings[req_id]
+        for req_id in [r for r in {*self.routings, *self.slot_of} if not live(r)]:
+            self.routings.pop(req_id, None)
             slot = self.slot_of.pop(req_id, None)
             if slot is not None:
                 self._free.append(slot)

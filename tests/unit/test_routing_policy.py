@@ -1,0 +1,154 @@
+"""The routing policy's step logic without an engine (vllm_adaptive.routing.policy).
+
+Each test drives `begin` / `record` / `finish` / `commit` with scripted entropies and tokens and
+checks the drafts, the plan and the committed machine state against what the rule gives by
+hand (vllm_adaptive.routing.machine.ReferenceMachine) for the positions verification emitted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_adaptive.routing.config import RoutingConfig
+from vllm_adaptive.routing.machine import ReferenceMachine
+from vllm_adaptive.routing.params import RequestRouting
+from vllm_adaptive.routing.policy import EmittedRow, RoutingPolicy, entropy_bits
+
+K = 4
+LOW, HIGH = 0.5, 3.0  # entropies below / above the tau used here (1.0)
+
+
+def routing(mode: str, tau: float = 1.0, window: int = 1, min_stint: int = 0) -> RequestRouting:
+    return RequestRouting(tau=tau, window=window, min_stint=min_stint, mode=mode)
+
+
+def emitted(count: int, forced: list[bool], dropped: bool = False, tokens: list[int] | None = None,
+            previous: int = 5, max_tokens: int | None = 100, stop: frozenset[int] = frozenset(),
+            min_tokens: int = 0) -> EmittedRow:
+    return EmittedRow(tokens, count, forced, 0, dropped, previous, max_tokens, min_tokens, stop)
+
+
+def draft_steps(policy: RoutingPolicy, req_ids: list[str], routings: list[RequestRouting | None],
+                entropies: list[list[float]]) -> tuple[list[list[int]], object]:
+    """One propose: rows drafting tokens 100 + 10 * row + step with the given entropies per step."""
+    draft = policy.begin(req_ids, routings, np.ones(len(req_ids), dtype=bool))
+    assert draft is not None
+    for step, row_entropies in enumerate(entropies):
+        tokens = torch.tensor([100 + 10 * r + step for r in range(len(req_ids))])
+        draft.record(torch.zeros(len(req_ids), 8), tokens, None, torch.tensor(row_entropies, dtype=torch.float64))
+        if draft.should_end():
+            break
+    return policy.finish(draft)
+
+
+def test_entropy_bits_of_uniform_and_masked_rows() -> None:
+    logits = torch.zeros(2, 8)
+    logits[1, 4:] = float("-inf")
+    assert entropy_bits(logits).tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_faithful_draft_stops_before_the_first_large_position() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    drafts, plan = draft_steps(policy, ["a"], [routing("faithful")], [[LOW], [LOW], [HIGH], [LOW]])
+    assert drafts == [[100, 101]]
+    assert plan.rows["a"].forced == (True, True) and not plan.rows["a"].drop_bonus
+
+
+def test_faithful_draft_small_to_k_drops_the_bonus() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    drafts, plan = draft_steps(policy, ["a"], [routing("faithful")], [[LOW]] * K)
+    assert drafts == [[100, 101, 102, 103]] and plan.rows["a"].drop_bonus
+
+
+def test_faithful_large_row_drafts_nothing_and_the_loop_ends_early() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    draft = policy.begin(["a"], [routing("faithful")], np.ones(1, dtype=bool))
+    draft.record(torch.zeros(1, 8), torch.tensor([7]), None, torch.tensor([HIGH], dtype=torch.float64))
+    assert draft.should_end()
+    drafts, plan = policy.finish(draft)
+    assert drafts == [[]] and plan.rows == {}
+
+
+def test_speculative_forces_small_positions_and_verifies_large_ones() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    drafts, plan = draft_steps(policy, ["a", "b"], [routing("speculative"), None],
+                               [[LOW, 9.0], [HIGH, 9.0], [LOW, 9.0], [LOW, 9.0]])
+    assert drafts == [[100, 101, 102, 103], [110, 111, 112, 113]]  # b (no EAD): K tokens, verified
+    assert plan.rows["a"].forced == (True, False, True, True) and plan.rows["a"].drop_bonus
+    assert "b" not in plan.rows
+
+
+def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    entropies = [0.2, 0.4, 2.5, 0.1]
+    draft_steps(policy, ["a"], [routing("speculative", window=2)], [[h] for h in entropies])
+    # Verification accepted the forced first two positions and rejected the third (a recovered
+    # token there): 3 tokens emitted, the machine moves to its state after position 3.
+    policy.commit(["a"], [emitted(3, [True, True, False, True])])
+    reference = ReferenceMachine(tau=1.0, window=2, min_stint=0)
+    owners = [reference.step(h) for h in entropies[:3]]
+    state = policy.store.select(torch.tensor([policy.slot_of["a"]]))
+    assert bool(state.large[0]) == reference.large and int(state.stint[0]) == reference.stint
+    assert int(state.count[0]) == 3
+    assert owners == [False, False, True]
+    counters = policy.counters
+    assert (counters.small_tokens, counters.large_tokens) == (2, 1)
+    assert (counters.switches_to_large, counters.switches_to_small) == (1, 0)
+    assert counters.target_passes == 1
+
+
+def test_dropped_bonus_counts_every_emitted_token_as_accepted() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    draft_steps(policy, ["a"], [routing("faithful")], [[LOW]] * K)
+    policy.commit(["a"], [emitted(K, [True] * K, dropped=True)])
+    assert (policy.counters.small_tokens, policy.counters.large_tokens) == (K, 0)
+    assert int(policy.store.select(torch.tensor([policy.slot_of["a"]])).count[0]) == K
+
+
+def test_rows_without_a_plan_count_their_tokens_as_the_large_models() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy.commit(["a", "b"], [emitted(1, []), None])  # a's first token (the prefill's), b: no EAD
+    assert (policy.counters.small_tokens, policy.counters.large_tokens) == (0, 1)
+
+
+@pytest.mark.parametrize("row,kept", [
+    (emitted(5, [], tokens=[1, 2, 3, 4, 5], previous=10, max_tokens=12), 2),  # max_tokens
+    (emitted(5, [], tokens=[1, 2, 9, 4, 5], stop=frozenset({9})), 3),  # a stop token ends it
+    (emitted(5, [], tokens=[1, 9, 3, 9, 5], previous=1, min_tokens=4, stop=frozenset({9})), 4),
+    (emitted(1, [], tokens=None, previous=3, max_tokens=3), 0),
+    (emitted(3, [], tokens=[1, 2, 3], max_tokens=None), 3),
+])
+def test_emitted_tokens_are_cut_where_the_request_stops(row: EmittedRow, kept: int) -> None:
+    assert row.kept() == kept
+
+
+def test_state_follows_a_request_across_batches_and_slots_grow() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K, capacity=1)
+    draft_steps(policy, ["a"], [routing("speculative")], [[HIGH]] * K)
+    policy.commit(["a"], [emitted(K + 1, [False] * K)])  # all verified and accepted, bonus kept
+    # A new request joins first in the batch: the store grows, "a" keeps its state.
+    draft_steps(policy, ["b", "a"], [routing("speculative"), routing("speculative")],
+                [[LOW, LOW]] * K)
+    state = policy.store.select(torch.tensor([policy.slot_of["a"]]))
+    assert bool(state.large[0]) and int(state.stint[0]) == K and int(state.count[0]) == K
+    assert policy.store.large.shape[0] >= 2
+    policy.forget(lambda r: r == "b")
+    assert "a" not in policy.slot_of and "b" in policy.slot_of
+
+
+def test_no_ead_row_means_no_routed_draft() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    assert policy.begin(["a"], [None], np.ones(1, dtype=bool)) is None
+    assert policy.begin(["a"], [routing("faithful")], np.zeros(1, dtype=bool)) is None
+
+
+def test_snapshot_reports_fractions() -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy.counters.small_tokens, policy.counters.large_tokens, policy.counters.target_passes = 3, 1, 2
+    snapshot = policy.snapshot()
+    assert snapshot["large_fraction"] == 0.25 and snapshot["target_passes_per_token"] == 0.5
+    assert math.isclose(snapshot["counters"]["small_tokens"], 3)
