@@ -14,8 +14,8 @@ plugin uses its own:
   `FLUSH_SECONDS` and only after a change (write to a temporary name, then rename: a reader
   never sees half a file);
 - at each scrape the collector reads every snapshot and turns the sums into metric families
-  (`speculative_families`, `sampler_families`). Counters are cumulative per worker, so summing
-  workers is right.
+  (`speculative_families`, `sampler_families`, `routing_families`). Counters are cumulative per
+  worker, so summing workers is right.
 
 Without the variable (offline `LLM`, or a server without the plugin) nothing is written; the same
 figures are then available through `vllm_adaptive.introspection`.
@@ -128,6 +128,20 @@ def _sum_lists(lists: Iterable[list[int]]) -> list[int]:
     return total
 
 
+def _failures_by_stage(counters: list[dict[str, Any]]) -> dict[str, int]:
+    """Failures summed over workers by stage: every stage a snapshot names (at zero too), and
+    `unknown` for failures a worker counted under no stage (only when there are some)."""
+    by_stage: dict[str, int] = {}
+    for c in counters:
+        stages = {str(k): int(v) for k, v in dict(c.get("failure_stages", {})).items()}
+        stages["unknown"] = int(c.get("failures", 0)) - sum(stages.values())
+        for stage, n in stages.items():
+            by_stage[stage] = by_stage.get(stage, 0) + n
+    if not by_stage.get("unknown"):
+        by_stage.pop("unknown", None)
+    return by_stage
+
+
 def speculative_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
     """Prometheus metric families for the adaptive proposers' snapshots (summed over workers)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -172,15 +186,8 @@ def speculative_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         "that does not report stages).",
         labels=["stage"],
     )
-    by_stage: dict[str, int] = {}
-    for c in counters:
-        stages = {str(k): int(v) for k, v in dict(c.get("failure_stages", {})).items()}
-        stages["unknown"] = int(c.get("failures", 0)) - sum(stages.values())
-        for stage, n in stages.items():
-            by_stage[stage] = by_stage.get(stage, 0) + n
-    for stage, n in by_stage.items():
-        if n or stage != "unknown":
-            failures.add_metric([stage], n)
+    for stage, n in _failures_by_stage(counters).items():
+        failures.add_metric([stage], n)
     yield failures
     verified = total("verified_tokens")
     rate = GaugeMetricFamily(
@@ -258,6 +265,107 @@ def sampler_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
     yield failures
 
 
+def routing_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
+    """Prometheus metric families for the EAD routing policies' snapshots (summed over workers;
+    vllm_adaptive.routing.policy.RoutingPolicy.snapshot). Nothing before a routing worker has run
+    a step; `ead_large_fraction` only once EAD requests have tokens (a 0 would read as "the small
+    model wrote everything")."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not snapshots:
+        return
+    counters = [s["counters"] for s in snapshots]
+
+    def total(name: str) -> int:
+        return sum(int(c.get(name, 0)) for c in counters)
+
+    def counter(name: str, documentation: str, key: str) -> Any:
+        family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
+        family.add_metric([], total(key))
+        return family
+
+    def labelled(name: str, documentation: str, label: str, keys: dict[str, str]) -> Any:
+        family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation, labels=[label])
+        for value, key in keys.items():
+            family.add_metric([value], total(key))
+        return family
+
+    yield counter("ead_requests", "Requests that used EAD (Entropy Adaptive Decoding).", "requests")
+    yield labelled(
+        "ead_tokens",
+        "Tokens of EAD requests by the model that wrote them: small (the draft model's, accepted "
+        "unverified) or large (the target's: the first token, bonus, verified and recovered "
+        "tokens, vetoed positions).",
+        "model", {"small": "small_tokens", "large": "large_tokens"})
+    small, large = total("small_tokens"), total("large_tokens")
+    if small + large:
+        fraction = GaugeMetricFamily(
+            "vllm_adaptive:ead_large_fraction",
+            "Share of EAD requests' tokens the large model wrote since the engine started: "
+            "large / (small + large); absent before the first token.")
+        fraction.add_metric([], large / (small + large))
+        yield fraction
+    yield labelled(
+        "ead_switches", "Hand-overs between the models in EAD requests, by the model taking over.",
+        "to", {"large": "switches_to_large", "small": "switches_to_small"})
+    yield _stint_histogram(counters)
+    yield counter(
+        "ead_target_passes",
+        "Sequential target passes of EAD requests ((request, step) pairs that emitted tokens); "
+        "per generated token: this / ead_tokens_total summed over model.", "target_passes")
+    yield counter("ead_draft_passes", "Draft-model forward passes run in steps with EAD requests.",
+                  "draft_passes")
+    yield labelled(
+        "ead_positions",
+        "Positions the plan gave the small model: accepted unverified (forced), or verified "
+        "because a constraint of the request forbade the small model's token there (vetoed).",
+        "outcome", {"forced": "forced_positions", "vetoed": "vetoed_positions"})
+    yield counter(
+        "ead_bonus_dropped",
+        "Steps of EAD requests whose draft ended on a small-model position, so that the "
+        "target's token after it was dropped (that position's owner is decided at the next "
+        "step).", "bonus_dropped")
+    yield counter(
+        "ead_plan_mismatches",
+        "EAD rows whose scheduled draft was not the planned one (verified losslessly).",
+        "plan_mismatches")
+    failures = CounterMetricFamily(
+        "vllm_adaptive:ead_failures",
+        "Engine steps where EAD routing failed internally, by the stage that failed: commit "
+        "(learning what verification emitted; the step still routes, from the previous machine "
+        "state), begin (reading the requests' EAD knobs, starting the draft), draft (the "
+        "switching machine at a draft step), finish (building the drafts and plan), gate "
+        "(forcing positions at verification); the others verify the step losslessly.",
+        labels=["stage"],
+    )
+    for stage, n in _failures_by_stage(counters).items():
+        failures.add_metric([stage], n)
+    yield failures
+
+
+def _stint_histogram(counters: list[dict[str, Any]]) -> Any:
+    """`ead_stint_length` from the policies' `stint_histogram` (one count per bucket of
+    STINT_BUCKETS, then one for longer stints). Buckets only: the counters keep no total of
+    stint lengths, so there is no _sum (and prometheus_client then writes no _count either;
+    the +Inf bucket is the count)."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    from vllm_adaptive.routing.policy import STINT_BUCKETS
+
+    counts = _sum_lists(c.get("stint_histogram", []) for c in counters)
+    counts += [0] * (len(STINT_BUCKETS) + 1 - len(counts))
+    cumulative, buckets = 0, []
+    for bound, stints in zip(STINT_BUCKETS, counts):
+        cumulative += stints
+        buckets.append((str(float(bound)), cumulative))
+    buckets.append(("+Inf", sum(counts)))
+    return HistogramMetricFamily(
+        "vllm_adaptive:ead_stint_length",
+        "Completed stints of EAD requests: positions one model wrote before handing over.",
+        buckets=buckets,
+    )
+
+
 class WorkerMetricsCollector:
     """A prometheus_client collector over the snapshot folder (reads it at every scrape)."""
 
@@ -265,7 +373,8 @@ class WorkerMetricsCollector:
         self.directory = directory
 
     def collect(self) -> Iterator[Any]:
-        for kind, families in ((SPECULATIVE, speculative_families), (SAMPLER, sampler_families)):
+        for kind, families in ((SPECULATIVE, speculative_families), (SAMPLER, sampler_families),
+                               (ROUTING, routing_families)):
             try:
                 yield from families(read_snapshots(self.directory, kind))
             except Exception:

@@ -12,10 +12,14 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vllm_adaptive.routing.config import RoutingConfig
+from vllm_adaptive.routing.policy import FAILURE_STAGES as ROUTING_FAILURE_STAGES
+from vllm_adaptive.routing.policy import STINT_BUCKETS, RoutingPolicy
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 from vllm_adaptive.speculative.policy import DraftLengthPolicy
 from vllm_adaptive.worker_metrics import (
     ENV_DIR,
+    ROUTING,
     SAMPLER,
     SPECULATIVE,
     SnapshotPublisher,
@@ -162,3 +166,90 @@ def test_sampler_and_speculative_snapshots_share_the_folder(tmp_path: Path) -> N
     s = scrape(tmp_path)
     assert s["vllm_adaptive:spec_failures_total{stage=unknown}"] == 2  # a snapshot without stages
     assert s["vllm_adaptive:sampler_failures_total{sampler=typical,stage=update_state}"] == 5
+
+
+def routing_snapshot(stages: dict[str, int], **counters: object) -> dict:
+    """A routing policy's snapshot (RoutingPolicy.snapshot) with the counters given."""
+    return {"config": {"enabled": True}, "num_speculative_tokens": 4,
+            "counters": {**counters, "failures": sum(stages.values()), "failure_stages": stages}}
+
+
+def write_routing(directory: Path, name: str, payload: dict) -> None:
+    (directory / f"{ROUTING}-{name}.json").write_text(json.dumps(payload))
+
+
+def test_ead_figures_of_two_workers_are_summed(tmp_path: Path) -> None:
+    write_routing(tmp_path, "1", routing_snapshot(
+        {"commit": 0, "begin": 0, "draft": 2, "finish": 0, "gate": 0},
+        requests=3, small_tokens=40, large_tokens=20, target_passes=25, draft_passes=30,
+        switches_to_large=4, switches_to_small=3, stint_histogram=[2, 1, 0, 3, 0, 0, 0, 0, 0, 1],
+        forced_positions=44, vetoed_positions=2, bonus_dropped=5, plan_mismatches=1))
+    write_routing(tmp_path, "2", routing_snapshot(
+        {"commit": 0, "begin": 0, "draft": 0, "finish": 0, "gate": 3},
+        requests=1, small_tokens=0, large_tokens=20, target_passes=20, draft_passes=5,
+        switches_to_large=0, switches_to_small=0, stint_histogram=[0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        forced_positions=0, vetoed_positions=0, bonus_dropped=0, plan_mismatches=2))
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:ead_requests_total{}"] == 4
+    assert s["vllm_adaptive:ead_tokens_total{model=small}"] == 40
+    assert s["vllm_adaptive:ead_tokens_total{model=large}"] == 40
+    assert s["vllm_adaptive:ead_large_fraction{}"] == pytest.approx(0.5)
+    assert s["vllm_adaptive:ead_switches_total{to=large}"] == 4
+    assert s["vllm_adaptive:ead_switches_total{to=small}"] == 3
+    # Stints per bucket 1, 2, 4, 8, ..., 256, longer: 2, 1, 1, 3, 0, ..., 0, 1.
+    bounds = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "+Inf")
+    stints = {le: s[f"vllm_adaptive:ead_stint_length_bucket{{le={le}}}"] for le in bounds}
+    assert stints == {"1.0": 2, "2.0": 3, "4.0": 4, "8.0": 7, "16.0": 7, "32.0": 7, "64.0": 7,
+                      "128.0": 7, "256.0": 7, "+Inf": 8}
+    assert s["vllm_adaptive:ead_target_passes_total{}"] == 45
+    assert s["vllm_adaptive:ead_draft_passes_total{}"] == 35
+    assert s["vllm_adaptive:ead_positions_total{outcome=forced}"] == 44
+    assert s["vllm_adaptive:ead_positions_total{outcome=vetoed}"] == 2
+    assert s["vllm_adaptive:ead_bonus_dropped_total{}"] == 5
+    assert s["vllm_adaptive:ead_plan_mismatches_total{}"] == 3
+    failures = {name: n for name, n in s.items() if name.startswith("vllm_adaptive:ead_failures_total")}
+    assert failures == {"vllm_adaptive:ead_failures_total{stage=commit}": 0,
+                        "vllm_adaptive:ead_failures_total{stage=begin}": 0,
+                        "vllm_adaptive:ead_failures_total{stage=draft}": 2,
+                        "vllm_adaptive:ead_failures_total{stage=finish}": 0,
+                        "vllm_adaptive:ead_failures_total{stage=gate}": 3}
+    assert not any(name.startswith(("vllm_adaptive:spec_", "vllm_adaptive:sampler_")) for name in s)
+
+
+def test_ead_large_fraction_is_absent_before_the_first_token(tmp_path: Path) -> None:
+    write_routing(tmp_path, "1", routing_snapshot(
+        {"commit": 0, "begin": 1, "draft": 0, "finish": 0, "gate": 0}, requests=2, small_tokens=0,
+        large_tokens=0))
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:ead_tokens_total{model=small}"] == 0
+    assert s["vllm_adaptive:ead_tokens_total{model=large}"] == 0
+    assert s["vllm_adaptive:ead_failures_total{stage=begin}"] == 1
+    assert "vllm_adaptive:ead_large_fraction{}" not in s
+
+
+def test_a_routing_policys_snapshot_gives_every_ead_family_and_stage(tmp_path: Path) -> None:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), num_speculative_tokens=4)
+    policy.counters.small_tokens, policy.counters.large_tokens = 3, 1
+    policy.record_failure("finish")
+    policy.add_gate_counts(mismatched=2, failures=1)
+    publisher = SnapshotPublisher(ROUTING, policy.snapshot, tmp_path)
+    publisher.flush()
+    publisher.close()
+    s = scrape(tmp_path)
+    assert s["vllm_adaptive:ead_large_fraction{}"] == pytest.approx(0.25)
+    assert s["vllm_adaptive:ead_plan_mismatches_total{}"] == 2
+    assert {name for name in s if name.startswith("vllm_adaptive:ead_failures_total")} == {
+        f"vllm_adaptive:ead_failures_total{{stage={stage}}}" for stage in ROUTING_FAILURE_STAGES}
+    assert s["vllm_adaptive:ead_failures_total{stage=finish}"] == 1
+    assert s["vllm_adaptive:ead_failures_total{stage=gate}"] == 1
+    buckets = [name for name in s if name.startswith("vllm_adaptive:ead_stint_length_bucket")]
+    les = [str(float(b)) for b in STINT_BUCKETS] + ["+Inf"]
+    assert buckets == [f"vllm_adaptive:ead_stint_length_bucket{{le={le}}}" for le in les]
+    families = {name.split("{")[0] for name in s}
+    assert families == {
+        "vllm_adaptive:ead_requests_total", "vllm_adaptive:ead_tokens_total",
+        "vllm_adaptive:ead_large_fraction", "vllm_adaptive:ead_switches_total",
+        "vllm_adaptive:ead_stint_length_bucket", "vllm_adaptive:ead_target_passes_total",
+        "vllm_adaptive:ead_draft_passes_total", "vllm_adaptive:ead_positions_total",
+        "vllm_adaptive:ead_bonus_dropped_total", "vllm_adaptive:ead_plan_mismatches_total",
+        "vllm_adaptive:ead_failures_total"}

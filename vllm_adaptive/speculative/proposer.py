@@ -306,9 +306,18 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
                         for r, s in zip(req_ids, states)]
         except Exception:
             self._routing_failed("begin")
+            routing.pending = None  # never commit a plan from steps ago
+            if self._gate is not None:
+                self._gate.take_receipt()
             return super().propose(num_speculative_tokens=num_speculative_tokens, **arguments)
         try:
             self._commit_routed(routing, req_ids, routings, states, discard)
+        except Exception:
+            self._routing_failed("commit")
+        try:
+            if len(routing.routings) > 2 * max(len(req_ids), 64):
+                requests = self._runner.requests
+                routing.forget(lambda r: r in requests)
         except Exception:
             self._routing_failed("commit")
         try:
@@ -362,9 +371,6 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         routed_states = [s if r is not None else None for s, r in zip(states, routings)]
         routing.commit(req_ids, emitted_rows(receipt, output, forced, vetoed, req_ids,
                                              routed_states, discard))
-        if len(routing.routings) > 2 * max(len(req_ids), 64):
-            requests = self._runner.requests
-            routing.forget(lambda r: r in requests)
 
     def _parse_routing(self, state: Any) -> Any:
         from vllm_adaptive.routing.params import parse_request
