@@ -22,6 +22,7 @@ the adaptive logic moves to its speculator).
 from __future__ import annotations
 
 import ast
+import gc
 import inspect
 import logging
 import sys
@@ -83,16 +84,21 @@ def _calls_inside_with(function: Callable[..., Any], callee: str) -> tuple[int, 
     """(calls of `<obj>.<callee>(...)` in `function`, how many of them sit inside a `with`)."""
     source = textwrap.dedent(inspect.getsource(function))
     for attempt in range(3):
+        # CPython 3.11.7's AST converter keeps its recursion counter in interpreter-wide state;
+        # a conversion re-entered meanwhile (a finalizer run by the garbage collector, another
+        # thread) fails it with "AST constructor recursion depth mismatch" (seen once in the
+        # test suite's process). The source is fine: parse with the collector paused, and again.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             tree = ast.parse(source)
             break
         except SystemError:
-            # CPython 3.11's AST converter keeps its recursion counter in shared state, and a
-            # conversion running at the same time in another thread (seen in the test suite's
-            # process) makes it fail with "AST constructor recursion depth mismatch"
-            # (gh-106905). The source is fine: parse it again.
             if attempt == 2:
                 raise
+        finally:
+            if collecting:
+                gc.enable()
     total = inside = 0
 
     def visit(node: ast.AST, in_with: bool) -> None:
