@@ -655,12 +655,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve(name: str) -> str:
-    from benchmarks.evaluate import resolve_model
-
-    return resolve_model(name).path
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
@@ -668,7 +662,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(argv[3]).write_text(json.dumps(run(json.loads(Path(argv[2]).read_text()))))
         return
     args = parse_args(argv)
-    target, draft = resolve(args.target), resolve(args.draft)
+    from benchmarks.evaluate import resolve_model
+
+    target, draft = resolve_model(args.target).path, resolve_model(args.draft).path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)

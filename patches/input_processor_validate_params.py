@@ -83,10 +83,11 @@ def refuse_unservable_routing(processor: Any, params: Any) -> None:
         return
     if not routing.enabled:  # default_on needs enabled, so the request sent a key
         try:
-            if parse_request(extra, routing) is None:
-                return  # `ead: false` alone is honoured everywhere
+            opted_out = parse_request(extra, routing) is None  # `ead: false` alone: served anywhere
         except SamplerParamError:
-            pass  # the deployment's refusal says more than the value's
+            opted_out = False  # a bad value: the deployment's refusal below says more
+        if opted_out:
+            return
         key = sent[0]
         _refuse(key, extra[key], f"{key}={extra[key]!r} cannot be served here: this deployment "
                 "does not serve Entropy Adaptive Decoding (routing.enabled is false in its "

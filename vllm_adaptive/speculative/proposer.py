@@ -359,6 +359,9 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         seen_mismatched, seen_failures = self._gate_seen
         routing.add_gate_counts(counters.mismatched_rows - seen_mismatched, counters.failures - seen_failures)
         self._gate_seen = (counters.mismatched_rows, counters.failures)
+        routed_states = [s if r is not None else None for s, r in zip(states, routings)]
+        if routing.pending is None and all(s is None for s in routed_states):
+            return  # nothing planned, no EAD row: nothing to read back this step
         if receipt is not None and receipt.req_ids != req_ids:
             receipt = None  # not this batch's verification
         output = forced = vetoed = None
@@ -368,7 +371,6 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             output = host[0]
             if receipt.forced is not None:
                 forced, vetoed = host[1], host[2]
-        routed_states = [s if r is not None else None for s, r in zip(states, routings)]
         routing.commit(req_ids, emitted_rows(receipt, output, forced, vetoed, req_ids,
                                              routed_states, discard))
 
