@@ -21,12 +21,12 @@ the adaptive logic moves to its speculator).
 
 from __future__ import annotations
 
-import ast
-import gc
 import inspect
+import io
 import logging
 import sys
 import textwrap
+import tokenize
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -81,36 +81,43 @@ def revert() -> None:
 
 
 def _calls_inside_with(function: Callable[..., Any], callee: str) -> tuple[int, int]:
-    """(calls of `<obj>.<callee>(...)` in `function`, how many of them sit inside a `with`)."""
+    """(calls of `<obj>.<callee>(...)` in `function`, how many of them sit inside a `with`).
+
+    Read from the tokens, not from `ast.parse`: CPython 3.11's AST converter never undoes its
+    recursion counter when a conversion fails (gh-106905), so after one failed `ast.parse`
+    anywhere in a process every later one raises "AST constructor recursion depth mismatch";
+    a contract check must not depend on what the rest of the process did. A `with` statement's
+    own line and its indented block count as inside it.
+    """
     source = textwrap.dedent(inspect.getsource(function))
-    for attempt in range(3):
-        # CPython 3.11.7's AST converter keeps its recursion counter in interpreter-wide state;
-        # a conversion re-entered meanwhile (a finalizer run by the garbage collector, another
-        # thread) fails it with "AST constructor recursion depth mismatch" (seen once in the
-        # test suite's process). The source is fine: parse with the collector paused, and again.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            tree = ast.parse(source)
-            break
-        except SystemError:
-            if attempt == 2:
-                raise
-        finally:
-            if collecting:
-                gc.enable()
+    tokens = [
+        t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type not in (tokenize.NL, tokenize.COMMENT)
+    ]
+    blocks: list[bool] = []  # per open indented block: inside a `with`
+    line_is_with = False  # the current logical line is a `with` statement
+    opens_with = False  # the line that just ended was one, so an INDENT opens its block
+    line_start = True
     total = inside = 0
-
-    def visit(node: ast.AST, in_with: bool) -> None:
-        nonlocal total, inside
-        call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        if call and node.func.attr == callee:
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.INDENT:
+            blocks.append(opens_with or (blocks[-1] if blocks else False))
+            opens_with = False
+            continue
+        opens_with = False
+        if tok.type == tokenize.DEDENT:
+            blocks.pop()
+            continue
+        if tok.type == tokenize.NEWLINE:
+            opens_with, line_is_with, line_start = line_is_with, False, True
+            continue
+        if line_start:
+            line_is_with = tok.string == "with"
+            line_start = tok.string == "async"
+        if (tok.type == tokenize.NAME and tok.string == callee and 0 < i < len(tokens) - 1
+                and tokens[i - 1].string == "." and tokens[i + 1].string == "("):
             total += 1
-            inside += in_with
-        for child in ast.iter_child_nodes(node):
-            visit(child, in_with or isinstance(node, (ast.With, ast.AsyncWith)))
-
-    visit(tree, False)
+            inside += line_is_with or (blocks[-1] if blocks else False)
     return total, inside
 
 
