@@ -29,9 +29,11 @@ DESCRIPTION = (
 
 
 def _choices() -> dict[tuple[str, str], list[str]]:
+    from vllm_adaptive.routing import config as routing
     from vllm_adaptive.speculative import config as speculative
 
     return {
+        ("routing", "mode"): list(routing.ROUTING_MODES),
         ("speculative", "stop_rule"): list(speculative.STOP_RULES),
         ("speculative", "confidence"): list(speculative.CONFIDENCES),
         ("speculative", "specdec_threshold"): [speculative.AUTO],

@@ -142,6 +142,10 @@ def _unhonoured_options(params: Any, speculative_config: Any) -> list[tuple[str,
         value = getattr(params, name)
         if value != neutral:
             found.append((name, value, f"the small model ignores penalties (send {neutral})"))
+    if params.logit_bias:
+        found.append(("logit_bias", params.logit_bias,
+                      "the small model ignores logit biases (leave it out; to ban tokens, send "
+                      "bad_words or allowed_token_ids, which EAD honours)"))
     if params.sampling_type == SamplingType.GREEDY:
         return found  # vLLM resets top_k, top_p and min_p; a seed changes nothing
     if getattr(speculative_config, "draft_sample_method", "greedy") == "greedy":

@@ -90,12 +90,15 @@ PATCHES: tuple[PatchSpec, ...] = (
             "Under speculative decoding vLLM's V1 runner refuses custom logits processors, so "
             "the plugin does not load its processor there, and the processor's validate_params "
             "admission hook goes with it: a request naming adaptive_sampler would be served "
-            "with plain sampling, silently."
+            "with plain sampling, silently. EAD requests (ead, ead_* in vllm_xargs) need "
+            "admission too, and vLLM has no hook for a proposer's per-request arguments."
         ),
         how=(
             "Wrap the method: run vLLM's checks, then, only on engines with "
-            "additional_config['adaptive'] and a speculative config, raise VLLMValidationError "
-            "(HTTP 400) naming adaptive_sampler and saying why; other engines are untouched."
+            "additional_config['adaptive'], raise VLLMValidationError (HTTP 400) naming the "
+            "parameter and saying why for adaptive_sampler on a speculating engine and for EAD "
+            "requests the deployment or the small model cannot serve (bad ead_* values, routing "
+            "off, sampling options the draft sampler ignores); other engines are untouched."
         ),
         upstream=(
             "vLLM: 'Custom logits processors are not supported when speculative decoding is "

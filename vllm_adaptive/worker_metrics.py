@@ -345,9 +345,7 @@ def routing_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
 
 def _stint_histogram(counters: list[dict[str, Any]]) -> Any:
     """`ead_stint_length` from the policies' `stint_histogram` (one count per bucket of
-    STINT_BUCKETS, then one for longer stints). Buckets only: the counters keep no total of
-    stint lengths, so there is no _sum (and prometheus_client then writes no _count either;
-    the +Inf bucket is the count)."""
+    STINT_BUCKETS, then one for longer stints) and `stint_tokens` (the lengths' sum)."""
     from prometheus_client.core import HistogramMetricFamily
 
     from vllm_adaptive.routing.policy import STINT_BUCKETS
@@ -363,6 +361,7 @@ def _stint_histogram(counters: list[dict[str, Any]]) -> Any:
         "vllm_adaptive:ead_stint_length",
         "Completed stints of EAD requests: positions one model wrote before handing over.",
         buckets=buckets,
+        sum_value=sum(int(c.get("stint_tokens", 0)) for c in counters),
     )
 
 

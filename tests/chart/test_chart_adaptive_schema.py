@@ -29,6 +29,7 @@ CHOICES = {
     ("speculative", "stop_rule"): set(speculative_config.STOP_RULES),
     ("speculative", "confidence"): set(speculative_config.CONFIDENCES),
     ("speculative", "specdec_threshold"): {speculative_config.AUTO},
+    ("routing", "mode"): {"faithful", "speculative"},
 }
 
 

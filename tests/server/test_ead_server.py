@@ -43,7 +43,8 @@ EAD_SAMPLES = (
      "vllm_adaptive:ead_large_fraction",
      'vllm_adaptive:ead_switches_total{to="large"}', 'vllm_adaptive:ead_switches_total{to="small"}']
     + [f'vllm_adaptive:ead_stint_length_bucket{{le="{float(b)}"}}' for b in STINT_BUCKETS]
-    + ['vllm_adaptive:ead_stint_length_bucket{le="+Inf"}',
+    + ['vllm_adaptive:ead_stint_length_bucket{le="+Inf"}', "vllm_adaptive:ead_stint_length_count",
+       "vllm_adaptive:ead_stint_length_sum",
        "vllm_adaptive:ead_target_passes_total", "vllm_adaptive:ead_draft_passes_total",
        'vllm_adaptive:ead_positions_total{outcome="forced"}',
        'vllm_adaptive:ead_positions_total{outcome="vetoed"}',

@@ -255,6 +255,13 @@ def test_penalties_are_refused_even_for_greedy_requests(option: str, value: floa
     assert f"{option}={value!r}: the small model ignores penalties" in str(error)
 
 
+def test_logit_bias_is_refused_even_for_greedy_requests() -> None:
+    error = refusal(SERVING, temperature=0.0, extra_args={"ead": True}, logit_bias={7: -100.0})
+    assert (error.parameter, error.value) == ("logit_bias", {7: -100.0})
+    assert "logit_bias={7: -100.0}: the small model ignores logit biases" in str(error)
+    admit(SERVING, temperature=0.0, extra_args={"ead": False}, logit_bias={7: -100.0})
+
+
 def test_every_unhonoured_option_is_listed_and_the_first_is_named() -> None:
     error = refusal(SERVING, temperature=0.7, seed=5, repetition_penalty=1.1, extra_args={"ead": True})
     assert error.parameter == "temperature"

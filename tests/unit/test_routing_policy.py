@@ -98,6 +98,9 @@ def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers()
     counters = policy.counters
     assert (counters.small_tokens, counters.large_tokens) == (2, 1)
     assert (counters.switches_to_large, counters.switches_to_small) == (1, 0)
+    # One completed stint: the small model's two positions (bucket "<= 2"); the large one is open.
+    assert counters.stint_histogram[:3] == [0, 1, 0] and sum(counters.stint_histogram) == 1
+    assert counters.stint_tokens == 2
     assert counters.target_passes == 1
 
 

@@ -182,12 +182,12 @@ def test_ead_figures_of_two_workers_are_summed(tmp_path: Path) -> None:
     write_routing(tmp_path, "1", routing_snapshot(
         {"commit": 0, "begin": 0, "draft": 2, "finish": 0, "gate": 0},
         requests=3, small_tokens=40, large_tokens=20, target_passes=25, draft_passes=30,
-        switches_to_large=4, switches_to_small=3, stint_histogram=[2, 1, 0, 3, 0, 0, 0, 0, 0, 1],
+        switches_to_large=4, switches_to_small=3, stint_histogram=[2, 1, 0, 3, 0, 0, 0, 0, 0, 1], stint_tokens=300,
         forced_positions=44, vetoed_positions=2, bonus_dropped=5, plan_mismatches=1))
     write_routing(tmp_path, "2", routing_snapshot(
         {"commit": 0, "begin": 0, "draft": 0, "finish": 0, "gate": 3},
         requests=1, small_tokens=0, large_tokens=20, target_passes=20, draft_passes=5,
-        switches_to_large=0, switches_to_small=0, stint_histogram=[0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        switches_to_large=0, switches_to_small=0, stint_histogram=[0, 0, 1, 0, 0, 0, 0, 0, 0, 0], stint_tokens=3,
         forced_positions=0, vetoed_positions=0, bonus_dropped=0, plan_mismatches=2))
     s = scrape(tmp_path)
     assert s["vllm_adaptive:ead_requests_total{}"] == 4
@@ -201,6 +201,8 @@ def test_ead_figures_of_two_workers_are_summed(tmp_path: Path) -> None:
     stints = {le: s[f"vllm_adaptive:ead_stint_length_bucket{{le={le}}}"] for le in bounds}
     assert stints == {"1.0": 2, "2.0": 3, "4.0": 4, "8.0": 7, "16.0": 7, "32.0": 7, "64.0": 7,
                       "128.0": 7, "256.0": 7, "+Inf": 8}
+    assert s["vllm_adaptive:ead_stint_length_count{}"] == 8
+    assert s["vllm_adaptive:ead_stint_length_sum{}"] == 303
     assert s["vllm_adaptive:ead_target_passes_total{}"] == 45
     assert s["vllm_adaptive:ead_draft_passes_total{}"] == 35
     assert s["vllm_adaptive:ead_positions_total{outcome=forced}"] == 44
@@ -249,7 +251,8 @@ def test_a_routing_policys_snapshot_gives_every_ead_family_and_stage(tmp_path: P
     assert families == {
         "vllm_adaptive:ead_requests_total", "vllm_adaptive:ead_tokens_total",
         "vllm_adaptive:ead_large_fraction", "vllm_adaptive:ead_switches_total",
-        "vllm_adaptive:ead_stint_length_bucket", "vllm_adaptive:ead_target_passes_total",
+        "vllm_adaptive:ead_stint_length_bucket", "vllm_adaptive:ead_stint_length_count",
+        "vllm_adaptive:ead_stint_length_sum", "vllm_adaptive:ead_target_passes_total",
         "vllm_adaptive:ead_draft_passes_total", "vllm_adaptive:ead_positions_total",
         "vllm_adaptive:ead_bonus_dropped_total", "vllm_adaptive:ead_plan_mismatches_total",
         "vllm_adaptive:ead_failures_total"}

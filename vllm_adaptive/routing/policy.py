@@ -73,6 +73,7 @@ class RoutingCounters:
     switches_to_small: int = 0
     stint_histogram: list[int] = dataclasses.field(
         default_factory=lambda: [0] * (len(STINT_BUCKETS) + 1))  # completed stints by length
+    stint_tokens: int = 0  # positions written in the completed stints (the histogram's sum)
     forced_positions: int = 0  # positions accepted without verification at the gate
     vetoed_positions: int = 0  # planned as forced, verified because a constraint forbade the token
     bonus_dropped: int = 0
@@ -302,6 +303,7 @@ class RoutingPolicy:
     def _count_stint(self, length: int) -> None:
         if length <= 0:
             return
+        self.counters.stint_tokens += length
         histogram = self.counters.stint_histogram
         for b, bound in enumerate(STINT_BUCKETS):
             if length <= bound:

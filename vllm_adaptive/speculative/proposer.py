@@ -336,11 +336,13 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
         finally:
             self._routed = None
         if draft.failed:
+            routing.counters.draft_passes += routing.k  # vLLM's loop drafted on to K
             return upstream  # vLLM's drafts, verified losslessly (no plan)
         try:
             drafts, plan = routing.finish(draft)
             self._last_draft_probs = draft.draft_probs()
         except Exception:
+            routing.counters.draft_passes += max(draft.steps, 1)
             self._routing_failed("finish")
             if upstream is not None:
                 return upstream
