@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from ._import_hook import OnImport
+from ._source import class_source
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def check_contract() -> None:
             "SpecDecodeBaseProposer._greedy_sample is no longer the argmax of compute_logits")
 
     # What the proposer reads from the runner, and how list drafts reach the scheduler.
-    runner_source = inspect.getsource(runner_module.GPUModelRunner)
+    runner_source = class_source(runner_module.GPUModelRunner)
     for needle, why in (
         ("isinstance(self._draft_token_ids, list)", "list drafts are no longer passed through"),
         ("self.num_decode_draft_tokens = ", "the scheduled draft counts per row moved"),

@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 
 from vllm.v1.engine.input_processor import InputProcessor
 
+from ._source import class_source
+
 _MARK = "__vllm_adaptive_original__"
 
 
@@ -220,7 +222,7 @@ def check_contract() -> None:
     params = list(inspect.signature(original).parameters)
     if params[:2] != ["self", "params"]:
         raise PatchContractError(f"InputProcessor._validate_params parameters changed: {params}")
-    source = inspect.getsource(InputProcessor)
+    source = class_source(InputProcessor)
     if "self._validate_params(" not in source:
         raise PatchContractError("InputProcessor no longer calls _validate_params on admission")
     for attribute in ("vllm_config",):

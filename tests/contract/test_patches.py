@@ -33,6 +33,28 @@ def test_contract_holds_against_installed_vllm(spec: patches_pkg.PatchSpec) -> N
 
 
 @pytest.mark.parametrize("spec", PATCHES, ids=lambda s: s.name)
+def test_contract_checks_do_not_need_ast(spec: patches_pkg.PatchSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPython 3.11 one failed AST conversion anywhere breaks `ast.parse` for the rest of the
+    process (gh-106905; `inspect.getsource` of a class parses its module): in CI a contract check
+    that used it then failed every later engine_kwargs call. The checks must not touch `ast`."""
+    import ast
+
+    load(spec).check_contract()  # imports what the check reads, with ast still working
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise SystemError("AST constructor recursion depth mismatch (before=141, after=57)")
+
+    error: Exception | None = None
+    with monkeypatch.context() as patched:  # undone before pytest reports (it parses with ast)
+        patched.setattr(ast, "parse", broken)
+        try:
+            load(spec).check_contract()
+        except Exception as e:  # noqa: BLE001 - reported below
+            error = e
+    assert error is None, f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.parametrize("spec", PATCHES, ids=lambda s: s.name)
 def test_applying_twice_wraps_once(spec: patches_pkg.PatchSpec) -> None:
     module = load(spec)
     module.apply()
