@@ -21,7 +21,11 @@ benchmarks.speculative); the issue's targets are about the engine's step.
 shared with other work (this benchmark runs niced), the wall clock mostly measures waiting for a
 core; CPU time does not (use `--threads 1`, so no other thread's time and no spinning is counted).
 
-Reported per (stop rule, controller, batch): the policy's median and p90 milliseconds per engine
+`--math host,device` measures the policy's two ways of deciding (DraftLengthPolicy host_math):
+numpy on the host (what a CPU engine runs) and torch ops (what a GPU engine runs, here on CPU
+tensors), side by side in one run.
+
+Reported per (stop rule, controller, math, batch): the policy's median and p90 milliseconds per engine
 step, the draft steps it ran, the target step, and the policy's share of it. Results go to
 stdout (Markdown) and to `--out` (CSV + Markdown; default results/policy_cost/<time>).
 The issue #17 targets: at most 0.15 ms per step at batch 1, at most 3% of the step at batch 32.
@@ -53,7 +57,8 @@ FINISH_PROBABILITY = 1 / 60  # per row and step: requests of ~150-200 tokens at 
 TARGET_MS_AT_BATCH_1 = 0.15
 TARGET_SHARE_AT_BATCH_32 = 0.03
 
-CSV_COLUMNS = ("stop_rule", "controller", "batch", "policy_ms_median", "policy_ms_p90",
+MATHS = ("host", "device")
+CSV_COLUMNS = ("stop_rule", "controller", "math", "batch", "policy_ms_median", "policy_ms_p90",
                "draft_steps_mean", "draft_length_mean", "target_step_ms", "target_source",
                "share", "status")
 
@@ -62,6 +67,7 @@ CSV_COLUMNS = ("stop_rule", "controller", "batch", "policy_ms_median", "policy_m
 class Result:
     stop_rule: str
     controller: bool
+    math: str
     batch: int
     policy_ms_median: float
     policy_ms_p90: float
@@ -140,6 +146,7 @@ class SyntheticDraft:
 def run_policy(
     stop_rule: str, controller: bool, batch: int, vocab: int, steps: int, warmup: int,
     target_step_s: float, policy_class: type | None = None, clock: Callable[[], float] = time.perf_counter,
+    math: str = "host",
 ) -> tuple[list[float], float, float]:
     """Per engine step seconds spent in the policy; mean draft steps run; mean draft length."""
     from vllm_adaptive.speculative.config import AdaptiveDraftConfig
@@ -147,7 +154,7 @@ def run_policy(
 
     config = AdaptiveDraftConfig(enabled=True, max_draft_tokens=MAX_DRAFT_TOKENS, stop_rule=stop_rule,
                                  controller=controller, controller_min_samples=4)
-    policy = (policy_class or DraftLengthPolicy)(config)
+    policy = (policy_class or DraftLengthPolicy)(config, host_math=math == "host")
     rng = np.random.default_rng(SEED)
     draft_source = SyntheticDraft(batch, vocab, pool=64, seed=SEED)
     next_id = batch
@@ -195,12 +202,13 @@ def run_policy(
 def measure(
     stop_rule: str, controller: bool, batch: int, vocab: int, steps: int, warmup: int,
     target_step_ms: float, target_source: str, clock: Callable[[], float] = time.perf_counter,
+    math: str = "host",
 ) -> Result:
     timings, steps_mean, length_mean = run_policy(
-        stop_rule, controller, batch, vocab, steps, warmup, target_step_ms / 1e3, clock=clock)
+        stop_rule, controller, batch, vocab, steps, warmup, target_step_ms / 1e3, clock=clock, math=math)
     ms = sorted(t * 1e3 for t in timings)
     return Result(
-        stop_rule=stop_rule, controller=controller, batch=batch,
+        stop_rule=stop_rule, controller=controller, math=math, batch=batch,
         policy_ms_median=statistics.median(ms), policy_ms_p90=ms[int(0.9 * (len(ms) - 1))],
         draft_steps_mean=steps_mean, draft_length_mean=length_mean,
         target_step_ms=target_step_ms, target_source=target_source,
@@ -233,13 +241,13 @@ def markdown(results: Sequence[Result], info: dict[str, str], command: str) -> s
         f"Targets (issue #17): at most {TARGET_MS_AT_BATCH_1} ms per step at batch 1, at most "
         f"{TARGET_SHARE_AT_BATCH_32:.0%} of the step at batch 32.",
         "",
-        "| stop rule | controller | batch | policy ms (median) | policy ms (p90) | draft steps "
+        "| stop rule | controller | math | batch | policy ms (median) | policy ms (p90) | draft steps "
         "| draft length | target step ms | target from | policy / step | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.stop_rule} | {'on' if r.controller else 'off'} | {r.batch} "
+            f"| {r.stop_rule} | {'on' if r.controller else 'off'} | {r.math} | {r.batch} "
             f"| {r.policy_ms_median:.3f} | {r.policy_ms_p90:.3f} | {r.draft_steps_mean:.2f} "
             f"| {r.draft_length_mean:.2f} | {r.target_step_ms:.2f} | {r.target_source} "
             f"| {r.share:.2%} | {r.status} |"
@@ -294,12 +302,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="batch=ms pairs from the engine instead of the measured target forward")
     parser.add_argument("--target-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--math", default=",".join(MATHS),
+                        help="comma-separated: host (numpy decisions, the CPU path), device (torch ops)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall clock (an idle machine) or this process's CPU time (a busy one)")
     parser.add_argument("--out", type=Path, help="results folder (default results/policy_cost/<time>)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    args.math = [m.strip() for m in args.math.split(",") if m.strip()]
+    if not args.math or any(m not in MATHS for m in args.math):
+        parser.error(f"--math must list some of {list(MATHS)}, got {args.math}")
     return args
 
 
@@ -337,14 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for stop_rule in stop_rules:
         for controller in (False, True):
-            for batch in args.batch_sizes:
-                ms, source = target_ms[batch]
-                result = measure(stop_rule, controller, batch, vocab, args.steps, args.warmup, ms, source,
-                                 clock)
-                print(f"  {stop_rule:>8} controller {'on ' if controller else 'off'} batch {batch:>4}: "
-                      f"{result.policy_ms_median:.3f} ms/step ({result.share:.2%} of {ms:.2f} ms), "
-                      f"{result.status}", file=sys.stderr)
-                results.append(result)
+            for math in args.math:
+                for batch in args.batch_sizes:
+                    ms, source = target_ms[batch]
+                    result = measure(stop_rule, controller, batch, vocab, args.steps, args.warmup, ms,
+                                     source, clock, math)
+                    print(f"  {stop_rule:>8} controller {'on ' if controller else 'off'} {math:>6} "
+                          f"batch {batch:>4}: {result.policy_ms_median:.3f} ms/step "
+                          f"({result.share:.2%} of {ms:.2f} ms), {result.status}", file=sys.stderr)
+                    results.append(result)
     info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     table = markdown(results, info, command)
     write_results(out, results, table)

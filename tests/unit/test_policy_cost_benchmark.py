@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from benchmarks import policy_cost
 
 
@@ -20,16 +22,22 @@ def test_policy_cost_writes_a_row_per_rule_controller_and_batch(tmp_path: Path) 
     assert status == 0
     with open(tmp_path / "policy_cost.csv") as f:
         rows = list(csv.DictReader(f))
-    cells = [(r["stop_rule"], r["controller"], r["batch"]) for r in rows]
-    assert cells == [(rule, controller, batch) for rule in ("specdec", "adaedl")
-                     for controller in ("False", "True") for batch in ("1", "3")]
+    cells = [(r["stop_rule"], r["controller"], r["math"], r["batch"]) for r in rows]
+    assert cells == [(rule, controller, math, batch) for rule in ("specdec", "adaedl")
+                     for controller in ("False", "True") for math in ("host", "device")
+                     for batch in ("1", "3")]
     for row in rows:
         assert float(row["policy_ms_median"]) >= 0
         assert row["target_source"] == "given"
         assert float(row["target_step_ms"]) == {"1": 8.0, "3": 10.0}[row["batch"]]
         assert 0 < float(row["draft_steps_mean"]) <= policy_cost.MAX_DRAFT_TOKENS
-    assert "| specdec | on | 3 |" in (tmp_path / "policy_cost.md").read_text()
+    assert "| specdec | on | device | 3 |" in (tmp_path / "policy_cost.md").read_text()
 
 
 def test_policy_cost_refuses_an_unknown_stop_rule(tmp_path: Path) -> None:
     assert policy_cost.main(["--stop-rules", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_policy_cost_refuses_an_unknown_math(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        policy_cost.main(["--math", "gpu", "--out", str(tmp_path)])

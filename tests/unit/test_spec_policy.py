@@ -1,7 +1,9 @@
 """DraftLengthPolicy: per-request draft lengths, early exit, and what verification feeds back.
 
 The policy is the adaptive proposer without vLLM: these tests drive it as the proposer does
-(begin, record per draft step, finish, observe_verification) with hand-made logits.
+(begin, record per draft step, finish, observe_verification) with hand-made logits. Every test
+runs twice: with the numpy decisions of the CPU path (host_math) and with the torch decisions a
+GPU uses, both on CPU tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ from vllm_adaptive.speculative.config import AdaptiveDraftConfig
 from vllm_adaptive.speculative.policy import DraftLengthPolicy
 
 VOCAB = 16
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["host-math", "device-math"])
+def math_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policies built without host_math use this run's path."""
+    original = DraftLengthPolicy.__init__
+
+    def init(self: DraftLengthPolicy, config: AdaptiveDraftConfig, device: str = "cpu",
+             alive_check_lag: int | None = None, host_math: bool | None = None) -> None:
+        original(self, config, device, alive_check_lag, request.param if host_math is None else host_math)
+
+    monkeypatch.setattr(DraftLengthPolicy, "__init__", init)
 
 
 def logits_with(top_tokens: list[int], flat: list[bool]) -> torch.Tensor:

@@ -58,7 +58,7 @@ def reference_drafts(pattern: list[list[bool]], k: int, keep_stopping_token: boo
 def run_policy(pattern: list[list[bool]], k: int, lag: int, keep_stopping_token: bool) -> tuple[list[list[int]], int]:
     config = AdaptiveDraftConfig(enabled=True, max_draft_tokens=k, stop_rule="entropy",
                                  entropy_threshold=THRESHOLD, controller=False)
-    policy = DraftLengthPolicy(config, alive_check_lag=lag)
+    policy = DraftLengthPolicy(config, alive_check_lag=lag, host_math=False)  # the device path's lag
     if not keep_stopping_token:
         policy.rule = type(policy.rule)(threshold=THRESHOLD, keep_stopping_token=False)
     rows = len(pattern[0])
@@ -96,10 +96,10 @@ def test_lagged_check_ends_the_loop_lag_steps_after_every_row_stopped() -> None:
     assert run_policy(pattern, 6, 2, True) == ([[0], [1]], 3)
 
 
-def adaedl_policy() -> DraftLengthPolicy:
+def adaedl_policy(host_math: bool = True) -> DraftLengthPolicy:
     config = AdaptiveDraftConfig(enabled=True, max_draft_tokens=4, stop_rule="adaedl",
                                  adaedl_lambda=0.5, controller=True, controller_initial_k=4)
-    return DraftLengthPolicy(config)
+    return DraftLengthPolicy(config, host_math=host_math)
 
 
 def draft_rows(policy: DraftLengthPolicy, req_ids: list[str]) -> list[list[int]]:
@@ -111,8 +111,9 @@ def draft_rows(policy: DraftLengthPolicy, req_ids: list[str]) -> list[list[int]]
     return policy.finish(progress, req_ids, [True] * len(req_ids))
 
 
-def test_request_state_follows_the_batch_when_rows_are_reordered_removed_and_added() -> None:
-    policy = adaedl_policy()
+@pytest.mark.parametrize("host_math", [True, False])
+def test_request_state_follows_the_batch_when_rows_are_reordered_removed_and_added(host_math: bool) -> None:
+    policy = adaedl_policy(host_math)
     drafts = draft_rows(policy, ["a", "b", "c"])
     policy.observe_verification(["a", "b", "c"], drafts, [4, 0, 2])
     # observed: accepted + the first rejected token, at most the draft's 4
@@ -123,7 +124,7 @@ def test_request_state_follows_the_batch_when_rows_are_reordered_removed_and_add
     assert policy.rows.req_ids == ["c", "a", "d"]
     assert policy.rows.observed.tolist() == [3.0, 4.0, 0.0]
     assert policy.rows.lam.tolist() == [lam[2], lam[0], 0.5]
-    assert progress.state.lam.tolist() == pytest.approx([lam[2], lam[0], 0.5])  # the stop rule's
+    assert progress.lam.tolist() == pytest.approx([lam[2], lam[0], 0.5])  # the stop rule's
     assert policy.requests["b"].observed == 1.0  # set aside, not lost
     # the controller reads each row's acceptance from the arrays, in row order (d: the engine's)
     rates = policy.row_acceptance(np.ones(3, dtype=bool), 0.5)

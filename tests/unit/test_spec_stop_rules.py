@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from vllm_adaptive.speculative.stop_rules import (
     build_stop_rule,
     draft_stats,
     draft_stats_from_probs,
+    host_draft_stats,
     verification_outcomes,
 )
 
@@ -76,6 +78,64 @@ def test_draft_stats_match_the_float64_definitions(
         assert close(stats.top_prob[r].item(), top[r])
         assert close(stats.token_prob[r].item(), token[r])
     assert stats.entropy.dtype == torch.float32 and (stats.entropy >= 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    vocab=st.integers(1, 300),
+    scale=st.floats(0.1, 20.0),
+    masked=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+    from_probs=st.booleans(),
+    greedy=st.booleans(),
+)
+def test_host_draft_stats_match_the_float64_definitions(
+    rows: int, vocab: int, scale: float, masked: float, seed: int, from_probs: bool, greedy: bool
+) -> None:
+    """The policy's numpy path (small float32 matrices), from logits or from probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    logits[torch.rand(rows, vocab, generator=g) < masked] = NEG_INF
+    logits[:, 0] = logits[:, 0].clamp(min=-1e4)
+    finite = logits > NEG_INF
+    token_ids = logits.argmax(dim=-1) if greedy else torch.multinomial(finite.float(), 1, generator=g).squeeze(-1)
+    if from_probs:
+        stats = host_draft_stats(logits, token_ids, probs=torch.softmax(logits, dim=-1))
+    else:
+        stats = host_draft_stats(logits, None if greedy else token_ids)
+    entropy, top, token = reference_stats(logits, token_ids)
+    assert stats.entropy is not None
+    for r in range(rows):
+        assert close(float(stats.entropy[r]), entropy[r], 1e-4), (r, stats.entropy[r], entropy[r])
+        assert close(float(stats.top_prob[r]), top[r])
+        assert close(float(stats.token_prob[r]), token[r])
+    assert stats.entropy.dtype == stats.top_prob.dtype == stats.token_prob.dtype == np.float32
+    assert (stats.entropy >= 0).all()
+
+
+@pytest.mark.parametrize("case", ["large", "bfloat16", "no finite logit"])
+def test_host_draft_stats_hand_other_inputs_to_the_torch_reductions(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_adaptive.speculative import stop_rules
+
+    calls = []
+    torch_stats = stop_rules.draft_stats
+    monkeypatch.setattr(stop_rules, "draft_stats", lambda *a, **k: calls.append(1) or torch_stats(*a, **k))
+    logits = torch.randn(2, 40)
+    if case == "large":
+        monkeypatch.setattr(stop_rules, "HOST_STATS_MAX_ELEMENTS", 79)
+    elif case == "bfloat16":
+        logits = logits.bfloat16()
+    else:
+        logits[1] = NEG_INF
+    stats = host_draft_stats(logits, entropy=False)
+    assert calls == [1] and stats.entropy is None
+    expected = torch_stats(logits, entropy=False)
+    np.testing.assert_array_equal(stats.top_prob, expected.top_prob.numpy())  # NaN where no logit
+    host = host_draft_stats(torch.randn(1, 40), entropy=False)  # small float32: numpy, no torch call
+    assert calls == [1] and host.top_prob.shape == (1,)
 
 
 def test_stats_from_probabilities_equal_stats_from_logits() -> None:

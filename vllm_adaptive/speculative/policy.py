@@ -32,6 +32,12 @@ spec-decode policies:
   greedy output are the same as with the check at every step;
 - `finish` reads the drafts with one copy per step (the proposer must hand vLLM host lists).
 
+On a CPU device (`host_math`, the default there) the same decisions run in numpy after the
+vocabulary reductions: a small torch op costs several microseconds of dispatch on a CPU, a numpy
+op on [rows] a fraction of one, and the policy makes some 20 of them per draft step. The rules'
+`decide_host`, the calibrator's `*_host` and AdaEDL's `update_lambda_host` are the numpy forms
+(tests/unit/test_spec_policy_host_math.py holds the two paths to the same drafts).
+
 Each stage has a fault point (`vllm_adaptive.faults`, off unless VLLM_ADAPTIVE_FAULT_INJECT
 names it): `spec:feedback`, `spec:controller`, `spec:stop_rule`, `spec:finish`, so that tests can
 prove that the proposer's fallback for each stage serves the step in a real engine.
@@ -59,6 +65,7 @@ from vllm_adaptive.speculative.stop_rules import (
     build_stop_rule,
     draft_stats,
     draft_stats_from_probs,
+    host_draft_stats,
     host_to_device,
     threshold_for_cost_ratio,
 )
@@ -223,25 +230,35 @@ class DraftInProgress:
     device; the alive mask on the device (see the module docstring)."""
 
     def __init__(
-        self, policy: DraftLengthPolicy, num_rows: int, k: int, lam: torch.Tensor,
+        self, policy: DraftLengthPolicy, num_rows: int, k: int, lam: torch.Tensor | np.ndarray,
         alive_check_lag: int = 0,
     ) -> None:
+        """`lam` [num_rows]: each row's AdaEDL lambda, a device tensor, or a numpy float32 array
+        for the host path (numpy decisions, the alive mask on the host, no lag)."""
         if alive_check_lag < 0:
             raise ValueError(f"alive_check_lag must be >= 0, got {alive_check_lag}")
         self.policy = policy
         self.k = k
         self.num_rows = num_rows
-        self.lag = alive_check_lag
+        self.host = isinstance(lam, np.ndarray)
+        self.lag = 0 if self.host else alive_check_lag
+        # One [B] array per step, stacked once in `finish` (cheaper than writing a column of
+        # a [B, K] buffer per step: one stack against K strided writes).
+        self.tokens: list[Any] = []
+        self.kept: list[Any] = []
+        self.confidence: list[Any] = []
+        self.probs: list[torch.Tensor] = []
+        self.failed = False
+        if self.host:
+            assert isinstance(lam, np.ndarray)
+            self._lam = lam.astype(np.float32, copy=False)
+            self._log_survival = np.zeros(num_rows, dtype=np.float32)
+            self._alive_host = np.ones(num_rows, dtype=bool)
+            self._any_alive = None
+            return
         device = lam.device
         self.state = DraftState.start(num_rows, lam=lam, device=device)
         self.alive = torch.ones(num_rows, dtype=torch.bool, device=device)
-        # One [B] tensor per step, stacked once in `finish` (cheaper than writing a column of
-        # a [B, K] buffer per step: one stack against K strided writes).
-        self.tokens: list[torch.Tensor] = []
-        self.kept: list[torch.Tensor] = []
-        self.confidence: list[torch.Tensor] = []
-        self.probs: list[torch.Tensor] = []
-        self.failed = False
         # Whether any row was alive after step s, copied to the host: slot s % (lag + 1).
         async_device = device.type == "cuda"
         slots = alive_check_lag + 1
@@ -258,6 +275,9 @@ class DraftInProgress:
         step = self.steps
         if step >= self.k:
             raise RuntimeError(f"draft step {step + 1} recorded, but the cap K is {self.k}")
+        if self.host:
+            self._record_host(logits, token_ids, probs)
+            return
         entropy = self.policy.rule.needs_entropy
         if probs is None:
             stats = draft_stats(logits, entropy=entropy)
@@ -287,9 +307,32 @@ class DraftInProgress:
                 event.record()
                 self._copied[slot] = event
 
+    def _record_host(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor | None
+    ) -> None:
+        rule = self.policy.rule
+        stats = host_draft_stats(logits, None if probs is None else token_ids, rule.needs_entropy, probs)
+        decision = rule.decide_host(stats, self._log_survival, self._lam)
+        alive = self._alive_host
+        self.kept.append(alive & decision.keep)
+        self._alive_host = alive & ~decision.stop
+        if decision.log_survival is not self._log_survival:
+            # Rows that stopped earlier keep their state: a later step is no longer theirs.
+            self._log_survival = np.where(alive, decision.log_survival, self._log_survival)
+        top = self.policy.config.confidence == "top_prob"
+        self.confidence.append(stats.top_prob if top else stats.token_prob)
+        self.tokens.append(np.array(token_ids.numpy(), dtype=np.int64))  # a copy: ours to keep
+        if probs is not None:
+            self.probs.append(probs)
+
     @property
     def steps(self) -> int:
         return len(self.tokens)
+
+    @property
+    def lam(self) -> np.ndarray:
+        """Each row's AdaEDL lambda for this draft (float32, on the host; for tests)."""
+        return self._lam if self.host else self.state.lam.cpu().numpy()
 
     def should_end(self) -> bool:
         """True when every row had stopped `lag` steps ago and steps remain: the loop can end.
@@ -298,6 +341,8 @@ class DraftInProgress:
         with lag L it waits only for step steps - L's flag, queued L steps earlier."""
         if self.steps >= self.k:
             return False
+        if self.host:
+            return not self._alive_host.any()
         if self._any_alive is None:
             return not bool(self.alive.any())
         checked = self.steps - 1 - self.lag
@@ -316,6 +361,15 @@ class DraftInProgress:
         kept = torch.stack(self.kept, dim=1).to(torch.int64)
         lengths = torch.cumprod(kept, dim=1).sum(dim=1)
         return tokens, lengths, torch.stack(self.confidence, dim=1).float()
+
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`stacked()` as numpy arrays on the host (one wait on an asynchronous device)."""
+        if not self.host:
+            tokens, lengths, confidence = to_host(*self.stacked())
+            return tokens, lengths, confidence
+        kept = np.stack(self.kept, axis=1)
+        lengths = np.cumprod(kept, axis=1, dtype=np.int64).sum(axis=1)
+        return np.stack(self.tokens, axis=1), lengths, np.stack(self.confidence, axis=1).astype(np.float32)
 
     def draft_probs(self) -> torch.Tensor | None:
         """[B, steps, V] probabilities of the steps run (probabilistic drafting), else None."""
@@ -341,10 +395,14 @@ def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
 class DraftLengthPolicy:
     def __init__(
         self, config: AdaptiveDraftConfig, device: torch.device | str = "cpu",
-        alive_check_lag: int | None = None,
+        alive_check_lag: int | None = None, host_math: bool | None = None,
     ) -> None:
+        """`host_math`: the per-step decisions in numpy (default: on a CPU device only)."""
         self.config = config
         self.device = torch.device(device)
+        self.host_math = self.device.type == "cpu" if host_math is None else host_math
+        if self.host_math and self.device.type != "cpu":
+            raise ValueError(f"host_math needs a CPU device, got {self.device}")
         self.alive_check_lag = (default_alive_check_lag(self.device) if alive_check_lag is None
                                 else alive_check_lag)
         injected_faults()  # a misspelt VLLM_ADAPTIVE_FAULT_INJECT stops the engine here
@@ -424,6 +482,16 @@ class DraftLengthPolicy:
         width = int(drafted.max())
         confidence = rows.pending_conf[matched, :width].copy()
         confidence[np.arange(width)[None, :] >= drafted[:, None]] = 0.0
+        if self.host_math:
+            self.calibrator.update_from_verification_host(confidence, drafted, accepted)
+            if isinstance(self.rule, AdaEDLStopRule):
+                lam, ema = self.rule.update_lambda_host(
+                    rows.lam[matched].astype(np.float32), rows.acceptance_ema[matched].astype(np.float32),
+                    drafted, accepted, self.config.max_draft_tokens)
+                rows.lam[matched] = lam
+                rows.acceptance_ema[matched] = ema
+            self._count_verification(rows, matched, drafted, accepted)
+            return
         drafted_t = torch.from_numpy(drafted)
         accepted_t = torch.from_numpy(accepted)
         self.calibrator.update_from_verification(torch.from_numpy(confidence), drafted_t, accepted_t)
@@ -438,6 +506,11 @@ class DraftLengthPolicy:
             )
             rows.lam[matched] = lam.numpy()
             rows.acceptance_ema[matched] = ema.numpy()
+        self._count_verification(rows, matched, drafted, accepted)
+
+    def _count_verification(
+        self, rows: RowStates, matched: np.ndarray, drafted: np.ndarray, accepted: np.ndarray
+    ) -> None:
         # Verification tests a prefix: the tokens accepted and the first rejected one.
         rows.accepted[matched] = rows.accepted[matched] * ACCEPTANCE_DECAY + accepted
         rows.observed[matched] = rows.observed[matched] * ACCEPTANCE_DECAY + np.minimum(accepted + 1, drafted)
@@ -461,9 +534,11 @@ class DraftLengthPolicy:
             k = min(k, self.controller.decide(acceptance))
         if self._auto_threshold:
             self._update_threshold(int(decoding.sum()))
-        lam = torch.from_numpy(self.rows.lam.astype(np.float32))
         self.counters.proposals += 1
         self.counters.cap_histogram[k] += 1
+        if self.host_math:
+            return DraftInProgress(self, len(req_ids), k, self.rows.lam.astype(np.float32))
+        lam = torch.from_numpy(self.rows.lam.astype(np.float32))
         return DraftInProgress(self, len(req_ids), k, host_to_device(lam, self.device), self.alive_check_lag)
 
     def _update_threshold(self, num_rows: int) -> None:
@@ -486,7 +561,7 @@ class DraftLengthPolicy:
             drafts: list[list[int]] = [[] for _ in req_ids]
             lengths = np.zeros(len(req_ids), dtype=np.int64)
         else:
-            tokens, lengths, confidence = to_host(*draft.stacked())
+            tokens, lengths, confidence = draft.host_arrays()
             drafts = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
             rows = self.rows
             if decoding.all():

@@ -37,6 +37,7 @@ import dataclasses
 import math
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from vllm_adaptive.kernels.row_stats import check_rows, row_stats
@@ -63,7 +64,7 @@ def draft_stats(
     """
     check_rows(logits, None, "draft_stats")
     if entropy:
-        stats = row_stats(logits)
+        stats = row_stats(logits, fields=("row_max", "lse", "entropy"))
         row_max, lse, row_entropy = stats.row_max, stats.lse, stats.entropy
     else:
         x = logits.float()
@@ -84,6 +85,69 @@ def draft_stats_from_probs(
     """Statistics of probability rows [R, V] (each summing to 1; zeros are masked tokens)."""
     check_rows(probs, None, "draft_stats_from_probs")
     return draft_stats(torch.log(probs.float()), token_ids, entropy)
+
+
+# The largest [rows, vocab] float32 matrix `host_draft_stats` reduces in numpy (one core).
+HOST_STATS_MAX_ELEMENTS = 1 << 16
+
+
+class HostStats(NamedTuple):
+    """`DraftStats` as numpy float32 arrays [R], for the policy's host path (CPU devices)."""
+
+    entropy: np.ndarray | None
+    top_prob: np.ndarray
+    token_prob: np.ndarray
+
+
+def host_draft_stats(
+    logits: torch.Tensor, token_ids: torch.Tensor | None = None, entropy: bool = True,
+    probs: torch.Tensor | None = None,
+) -> HostStats:
+    """`draft_stats` (or `draft_stats_from_probs` when `probs` are given) of CPU tensors as numpy
+    float32 arrays.
+
+    Small float32 matrices (at most HOST_STATS_MAX_ELEMENTS) are reduced in numpy: on a CPU a
+    torch op costs microseconds of dispatch (torch.logsumexp over 1536 logits ~19 us against
+    ~9 us in numpy); larger ones, and rows with no finite logit, go through `draft_stats`, whose
+    torch reductions use every core.
+    """
+    source = logits if probs is None else probs
+    x = source.numpy() if source.dtype == torch.float32 and not source.requires_grad else None
+    if x is not None and x.size <= HOST_STATS_MAX_ELEMENTS:
+        if probs is not None:
+            with np.errstate(divide="ignore"):
+                x = np.log(x)
+        row_max = x.max(axis=1)
+        if np.isfinite(row_max).all():
+            shifted = x - row_max[:, None]  # <= 0; -inf where masked
+            weights = np.exp(shifted)
+            total = weights.sum(axis=1)
+            lse = row_max + np.log(total)
+            top = np.exp(row_max - lse)
+            row_entropy = None
+            if entropy:
+                shifted[weights == 0] = 0.0  # masked tokens carry no weight (and no 0 * -inf)
+                row_entropy = np.maximum(np.log(total) - (weights * shifted).sum(axis=1) / total, 0.0)
+            if probs is None and token_ids is None:
+                token = top
+            else:
+                assert token_ids is not None
+                rows = np.arange(x.shape[0])
+                token = np.exp(x[rows, token_ids.numpy().astype(np.int64)] - lse)
+            f32 = np.float32
+            return HostStats(
+                entropy=None if row_entropy is None else row_entropy.astype(f32, copy=False),
+                top_prob=top.astype(f32, copy=False),
+                token_prob=token.astype(f32, copy=False),
+            )
+    stats = (draft_stats(logits, token_ids, entropy) if probs is None
+             else draft_stats_from_probs(probs, token_ids, entropy))
+    top_prob = stats.top_prob.numpy()
+    return HostStats(
+        entropy=None if stats.entropy is None else stats.entropy.numpy(),
+        top_prob=top_prob,
+        token_prob=top_prob if stats.token_prob is stats.top_prob else stats.token_prob.numpy(),
+    )
 
 
 def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -150,6 +214,24 @@ class StopRule(Protocol):
 
     def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision: ...
 
+    def decide_host(
+        self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray
+    ) -> HostDecision: ...
+
+
+class HostDecision(NamedTuple):
+    """`StopDecision` on the host: bool / float32 numpy arrays [R]; `log_survival` is the
+    state after this step (SpecDec++), the input array itself for the other rules."""
+
+    stop: np.ndarray
+    keep: np.ndarray
+    log_survival: np.ndarray
+
+
+def _host_decision(stop: np.ndarray, keep_stopping_token: bool, log_survival: np.ndarray) -> HostDecision:
+    keep = np.ones_like(stop) if keep_stopping_token else ~stop
+    return HostDecision(stop=stop, keep=keep, log_survival=log_survival)
+
 
 def _decision(
     stop: torch.Tensor, keep_stopping_token: bool, score: torch.Tensor, state: DraftState
@@ -168,6 +250,9 @@ class NoStopRule:
     def __call__(self, stats: DraftStats, state: DraftState) -> StopDecision:
         stop = torch.zeros_like(stats.top_prob, dtype=torch.bool)
         return _decision(stop, True, torch.zeros_like(stats.top_prob), state)
+
+    def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
+        return _host_decision(np.zeros(len(stats.top_prob), dtype=bool), True, log_survival)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +276,11 @@ class EntropyStopRule:
         return _decision(
             stats.entropy > self.threshold, self.keep_stopping_token, stats.entropy, state
         )
+
+    def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
+        assert stats.entropy is not None
+        return _host_decision(stats.entropy > np.float32(self.threshold), self.keep_stopping_token,
+                              log_survival)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +324,11 @@ class AdaEDLStopRule:
         bound = self.lower_bound(stats.entropy)
         return _decision(bound < state.lam, self.keep_stopping_token, bound, state)
 
+    def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
+        assert stats.entropy is not None
+        bound = np.float32(1.0) - np.sqrt(np.float32(self.gamma) * np.maximum(stats.entropy, np.float32(0.0)))
+        return _host_decision(bound < lam, self.keep_stopping_token, log_survival)
+
     def update_lambda(
         self,
         lam: torch.Tensor,
@@ -264,6 +359,24 @@ class AdaEDLStopRule:
         proposal = lam + self.step * direction
         moved = (self.beta2 * lam + (1.0 - self.beta2) * proposal).clamp(0.0, 1.0)
         return torch.where(drafted, moved, lam), ema
+
+    def update_lambda_host(
+        self, lam: np.ndarray, acceptance_ema: np.ndarray, num_drafted: np.ndarray,
+        num_accepted: np.ndarray, max_draft_tokens: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`update_lambda` on numpy float32 arrays (int arrays for the counts), in float32."""
+        if not self.adapt:
+            return lam, acceptance_ema
+        f32 = np.float32
+        drafted = num_drafted > 0
+        rate = num_accepted.astype(f32) / np.maximum(num_drafted, 1).astype(f32)
+        ema = np.where(drafted, f32(self.beta1) * acceptance_ema + f32(1.0 - self.beta1) * rate,
+                       acceptance_ema).astype(f32)
+        direction = np.where(ema < f32(self.target_acceptance), f32(1.0),
+                             np.where(num_accepted < max_draft_tokens, f32(-1.0), f32(0.0))).astype(f32)
+        proposal = lam + f32(self.step) * direction
+        moved = np.clip(f32(self.beta2) * lam + f32(1.0 - self.beta2) * proposal, f32(0.0), f32(1.0))
+        return np.where(drafted, moved, lam).astype(f32), ema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +410,11 @@ class SpecDecStopRule:
         reject_any = -torch.expm1(log_survival)  # 1 - prod(a_i), accurate when it is small
         new_state = state._replace(log_survival=log_survival)
         return _decision(reject_any > self.threshold, True, reject_any, new_state)
+
+    def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
+        confidence = stats.top_prob if self.confidence == "top_prob" else stats.token_prob
+        after = log_survival + self.calibrator.log_acceptance_host(confidence)
+        return _host_decision(-np.expm1(after) > np.float32(self.threshold), True, after)
 
 
 def verification_outcomes(
@@ -356,6 +474,7 @@ class AcceptanceCalibrator:
         # (device, estimates float32, log estimates float32), rebuilt after each update: every
         # draft step reads the table, and the counts change once per engine step.
         self._tables: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._host_table: np.ndarray | None = None  # the CPU log table as numpy, for the host path
 
     def bins(self, confidence: torch.Tensor) -> torch.Tensor:
         """The bin of each confidence (int64, same shape); values outside [0, 1] are clamped."""
@@ -379,6 +498,49 @@ class AcceptanceCalibrator:
         """log of `acceptance(confidence)` (float32, same shape)."""
         return self._table(confidence.device)[1][self.bins(confidence).to(confidence.device)]
 
+    def log_acceptance_host(self, confidence: np.ndarray) -> np.ndarray:
+        """`log_acceptance` of numpy confidences (float32, same shape), from the same table."""
+        if self._host_table is None:
+            self._host_table = self._table(torch.device("cpu"))[1].numpy()
+        # floor(c * bins) clamped to [0, bins - 1], as `bins`: c >= 0 truncates like floor.
+        scaled = confidence.astype(np.float64) * self.num_bins
+        bins = np.minimum(np.fmax(scaled, 0.0), self.num_bins - 1).astype(np.int64)  # NaN -> 0
+        return self._host_table[bins]
+
+    def update_host(self, confidence: np.ndarray, accepted: np.ndarray) -> None:
+        """`update` from numpy arrays: the same counts (float64 sums of ones), in numpy."""
+        if confidence.shape != accepted.shape:
+            raise ValueError(
+                f"confidence and accepted must have one shape, got {confidence.shape} and {accepted.shape}"
+            )
+        if self.observed.device.type != "cpu":
+            self.update(torch.from_numpy(confidence), torch.from_numpy(accepted))
+            return
+        bins = np.clip(np.floor(confidence.reshape(-1).astype(np.float64) * self.num_bins), 0,
+                       self.num_bins - 1).astype(np.int64)
+        hits = accepted.reshape(-1).astype(np.float64)
+        observed = np.bincount(bins, minlength=self.num_bins).astype(np.float64)
+        accepted_counts = np.bincount(bins, weights=hits, minlength=self.num_bins)
+        self.observed = torch.from_numpy(self.observed.numpy() * self.decay + observed)
+        self.accepted = torch.from_numpy(self.accepted.numpy() * self.decay + accepted_counts)
+        self._tables = self._host_table = None
+
+    def update_from_verification_host(
+        self, confidence: np.ndarray, draft_lengths: np.ndarray, num_accepted: np.ndarray
+    ) -> None:
+        """`update_from_verification` from numpy arrays ([R, K], [R], [R])."""
+        if confidence.ndim != 2 or confidence.shape[0] != draft_lengths.shape[0]:
+            raise ValueError(
+                f"confidence must be [R, K] with R = {draft_lengths.shape[0]} drafts, "
+                f"got {confidence.shape}"
+            )
+        position = np.arange(confidence.shape[1])[None, :]
+        lengths = np.minimum(draft_lengths.astype(np.int64), confidence.shape[1])[:, None]
+        accepted_count = np.minimum(num_accepted.astype(np.int64)[:, None], lengths)
+        accepted = position < accepted_count
+        observed = accepted | ((position == accepted_count) & (position < lengths))
+        self.update_host(confidence[observed], accepted[observed])
+
     def update(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
         """Add observed tokens: their confidences and whether verification accepted each."""
         if confidence.shape != accepted.shape:
@@ -392,7 +554,7 @@ class AcceptanceCalibrator:
         hits = accepted.reshape(-1).to(device=device, dtype=torch.float64).unsqueeze(1)
         self.observed = self.observed * self.decay + one_hot.sum(dim=0)
         self.accepted = self.accepted * self.decay + (one_hot * hits).sum(dim=0)
-        self._tables = None
+        self._tables = self._host_table = None
 
     def update_from_verification(
         self, confidence: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor
