@@ -61,57 +61,35 @@ PEAKED_AND_FLAT = torch.stack(
     scale=st.floats(0.1, 20.0),
     masked=st.floats(0.0, 0.9),
     seed=st.integers(0, 2**31 - 1),
+    from_probs=st.booleans(),
+    greedy=st.booleans(),
 )
 def test_draft_stats_match_the_float64_definitions(
-    rows: int, vocab: int, scale: float, masked: float, seed: int
+    rows: int, vocab: int, scale: float, masked: float, seed: int, from_probs: bool, greedy: bool
 ) -> None:
+    """The torch statistics and the policy's numpy ones (small float32 matrices, its CPU path),
+    from logits or from probabilities, greedy (token = argmax) or sampled."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g) * scale
     logits[torch.rand(rows, vocab, generator=g) < masked] = NEG_INF
     logits[:, 0] = logits[:, 0].clamp(min=-1e4)  # at least one finite token per row
     finite = logits > NEG_INF
-    token_ids = torch.multinomial(finite.float(), 1, generator=g).squeeze(-1)
-    stats = draft_stats(logits, token_ids)
-    entropy, top, token = reference_stats(logits, token_ids)
-    for r in range(rows):
-        assert close(stats.entropy[r].item(), entropy[r]), (r, stats.entropy[r], entropy[r])
-        assert close(stats.top_prob[r].item(), top[r])
-        assert close(stats.token_prob[r].item(), token[r])
-    assert stats.entropy.dtype == torch.float32 and (stats.entropy >= 0).all()
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    rows=st.integers(1, 5),
-    vocab=st.integers(1, 300),
-    scale=st.floats(0.1, 20.0),
-    masked=st.floats(0.0, 0.9),
-    seed=st.integers(0, 2**31 - 1),
-    from_probs=st.booleans(),
-    greedy=st.booleans(),
-)
-def test_host_draft_stats_match_the_float64_definitions(
-    rows: int, vocab: int, scale: float, masked: float, seed: int, from_probs: bool, greedy: bool
-) -> None:
-    """The policy's numpy path (small float32 matrices), from logits or from probabilities."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=g) * scale
-    logits[torch.rand(rows, vocab, generator=g) < masked] = NEG_INF
-    logits[:, 0] = logits[:, 0].clamp(min=-1e4)
-    finite = logits > NEG_INF
     token_ids = logits.argmax(dim=-1) if greedy else torch.multinomial(finite.float(), 1, generator=g).squeeze(-1)
+    passed = None if greedy and not from_probs else token_ids
     if from_probs:
-        stats = host_draft_stats(logits, token_ids, probs=torch.softmax(logits, dim=-1))
+        probs = torch.softmax(logits, dim=-1)
+        computed = [draft_stats_from_probs(probs, passed), host_draft_stats(logits, passed, probs=probs)]
     else:
-        stats = host_draft_stats(logits, None if greedy else token_ids)
+        computed = [draft_stats(logits, passed), host_draft_stats(logits, passed)]
     entropy, top, token = reference_stats(logits, token_ids)
-    assert stats.entropy is not None
-    for r in range(rows):
-        assert close(float(stats.entropy[r]), entropy[r], 1e-4), (r, stats.entropy[r], entropy[r])
-        assert close(float(stats.top_prob[r]), top[r])
-        assert close(float(stats.token_prob[r]), token[r])
-    assert stats.entropy.dtype == stats.top_prob.dtype == stats.token_prob.dtype == np.float32
-    assert (stats.entropy >= 0).all()
+    for stats in computed:
+        assert stats.entropy is not None
+        for r in range(rows):
+            assert close(float(stats.entropy[r]), entropy[r], 1e-4), (r, stats.entropy[r], entropy[r])
+            assert close(float(stats.top_prob[r]), top[r])
+            assert close(float(stats.token_prob[r]), token[r])
+        assert all(x.dtype in (torch.float32, np.float32) for x in stats)
+        assert (stats.entropy >= 0).all()
 
 
 @pytest.mark.parametrize("case", ["large", "bfloat16", "no finite logit"])

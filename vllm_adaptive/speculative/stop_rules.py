@@ -87,6 +87,7 @@ def draft_stats_from_probs(
     return draft_stats(torch.log(probs.float()), token_ids, entropy)
 
 
+_CPU = torch.device("cpu")
 # The largest [rows, vocab] float32 matrix `host_draft_stats` reduces in numpy (one core).
 HOST_STATS_MAX_ELEMENTS = 1 << 16
 
@@ -474,7 +475,6 @@ class AcceptanceCalibrator:
         # (device, estimates float32, log estimates float32), rebuilt after each update: every
         # draft step reads the table, and the counts change once per engine step.
         self._tables: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
-        self._host_table: np.ndarray | None = None  # the CPU log table as numpy, for the host path
 
     def bins(self, confidence: torch.Tensor) -> torch.Tensor:
         """The bin of each confidence (int64, same shape); values outside [0, 1] are clamped."""
@@ -498,32 +498,29 @@ class AcceptanceCalibrator:
         """log of `acceptance(confidence)` (float32, same shape)."""
         return self._table(confidence.device)[1][self.bins(confidence).to(confidence.device)]
 
+    def host_bins(self, confidence: np.ndarray) -> np.ndarray:
+        """`bins` of numpy confidences (int64): floor(c * num_bins) clamped to [0, num_bins - 1],
+        NaN to 0, as the torch version gives."""
+        scaled = np.fmax(confidence.astype(np.float64) * self.num_bins, 0.0)  # fmax: NaN -> 0
+        return np.minimum(scaled, self.num_bins - 1).astype(np.int64)  # >= 0: truncation = floor
+
     def log_acceptance_host(self, confidence: np.ndarray) -> np.ndarray:
         """`log_acceptance` of numpy confidences (float32, same shape), from the same table."""
-        if self._host_table is None:
-            self._host_table = self._table(torch.device("cpu"))[1].numpy()
-        # floor(c * bins) clamped to [0, bins - 1], as `bins`: c >= 0 truncates like floor.
-        scaled = confidence.astype(np.float64) * self.num_bins
-        bins = np.minimum(np.fmax(scaled, 0.0), self.num_bins - 1).astype(np.int64)  # NaN -> 0
-        return self._host_table[bins]
+        return self._table(_CPU)[1].numpy()[self.host_bins(confidence)]
 
     def update_host(self, confidence: np.ndarray, accepted: np.ndarray) -> None:
-        """`update` from numpy arrays: the same counts (float64 sums of ones), in numpy."""
+        """`update` from numpy arrays on the host: the same counts (float64 sums of ones)."""
         if confidence.shape != accepted.shape:
             raise ValueError(
                 f"confidence and accepted must have one shape, got {confidence.shape} and {accepted.shape}"
             )
-        if self.observed.device.type != "cpu":
-            self.update(torch.from_numpy(confidence), torch.from_numpy(accepted))
-            return
-        bins = np.clip(np.floor(confidence.reshape(-1).astype(np.float64) * self.num_bins), 0,
-                       self.num_bins - 1).astype(np.int64)
-        hits = accepted.reshape(-1).astype(np.float64)
+        bins = self.host_bins(confidence.reshape(-1))
         observed = np.bincount(bins, minlength=self.num_bins).astype(np.float64)
-        accepted_counts = np.bincount(bins, weights=hits, minlength=self.num_bins)
+        accepted_counts = np.bincount(bins, weights=accepted.reshape(-1).astype(np.float64),
+                                      minlength=self.num_bins)
         self.observed = torch.from_numpy(self.observed.numpy() * self.decay + observed)
         self.accepted = torch.from_numpy(self.accepted.numpy() * self.decay + accepted_counts)
-        self._tables = self._host_table = None
+        self._tables = None
 
     def update_from_verification_host(
         self, confidence: np.ndarray, draft_lengths: np.ndarray, num_accepted: np.ndarray
@@ -554,7 +551,7 @@ class AcceptanceCalibrator:
         hits = accepted.reshape(-1).to(device=device, dtype=torch.float64).unsqueeze(1)
         self.observed = self.observed * self.decay + one_hot.sum(dim=0)
         self.accepted = self.accepted * self.decay + (one_hot * hits).sum(dim=0)
-        self._tables = self._host_table = None
+        self._tables = None
 
     def update_from_verification(
         self, confidence: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor
