@@ -25,6 +25,13 @@ core; CPU time does not (use `--threads 1`, so no other thread's time and no spi
 numpy on the host (what a CPU engine runs) and torch ops (what a GPU engine runs, here on CPU
 tensors), side by side in one run.
 
+`--stop-rules ead` (or any list with `ead`) measures EAD's routing policy
+(vllm_adaptive.routing.policy.RoutingPolicy) the same way: `commit` of the previous step's
+verification, `begin`, per draft step the small model's entropy (from the draft logits) and the
+machine's `record`, `finish`; every row a speculative-mode EAD request whose tau is the 70th
+percentile of the synthetic entropies (so the large model owns about 30% of positions), K
+`--ead-k`; `--math` picks the machine's numpy (host) or torch arrays.
+
 Reported per (stop rule, controller, math, batch): the policy's median and p90 milliseconds per engine
 step, the draft steps it ran, the target step, and the policy's share of it. Results go to
 stdout (Markdown) and to `--out` (CSV + Markdown; default results/policy_cost/<time>).
@@ -199,13 +206,78 @@ def run_policy(
     return timings, statistics.fmean(steps_run), statistics.fmean(lengths)
 
 
+def run_routing(
+    batch: int, vocab: int, steps: int, warmup: int, k: int, clock: Callable[[], float] = time.perf_counter,
+    math: str = "host",
+) -> tuple[list[float], float, float]:
+    """Per engine step seconds spent in EAD's routing policy; mean draft steps; mean draft length."""
+    from vllm_adaptive.routing.config import RoutingConfig
+    from vllm_adaptive.routing.params import RequestRouting
+    from vllm_adaptive.routing.policy import EmittedRow, RoutingPolicy, entropy_bits
+
+    policy = RoutingPolicy(RoutingConfig(enabled=True), k, host_math=math == "host")
+    rng = np.random.default_rng(SEED)
+    draft_source = SyntheticDraft(batch, vocab, pool=64, seed=SEED)
+    tau = float(np.quantile(entropy_bits(draft_source.logits.reshape(-1, vocab)).numpy(), 0.7))
+    routing = RequestRouting(tau=tau, window=5, min_stint=0, mode="speculative")
+    next_id = batch
+    req_ids = [f"req-{i}" for i in range(batch)]
+    decoding = np.ones(batch, dtype=bool)
+    emitted: list[EmittedRow | None] = [None] * batch
+    timings: list[float] = []
+    steps_run: list[int] = []
+    lengths: list[float] = []
+    for step in range(warmup + steps):
+        started = clock()
+        policy.commit(req_ids, emitted)
+        draft = policy.begin(req_ids, [routing] * batch, decoding)
+        assert draft is not None
+        spent = clock() - started
+        for _ in range(k):
+            logits, tokens = draft_source.next()  # the draft's forward pass: not the policy's
+            started = clock()
+            draft.record(logits, tokens, None, draft.entropy(logits))
+            end = draft.should_end()
+            spent += clock() - started
+            if end:
+                break
+        started = clock()
+        drafts, plan = policy.finish(draft)
+        spent += clock() - started
+        if step >= warmup:
+            timings.append(spent)
+            steps_run.append(draft.steps)
+            lengths.append(sum(len(d) for d in drafts) / batch)
+        # Verification: forced positions accepted, then a random prefix of the verified ones.
+        emitted = []
+        for req_id, row_draft in zip(req_ids, drafts):
+            row_plan = plan.rows.get(req_id)
+            forced = list(row_plan.forced) if row_plan else [False] * len(row_draft)
+            dropped = bool(row_plan and row_plan.drop_bonus)
+            count = int(rng.integers(1, len(row_draft) + 2))
+            if dropped:
+                count = min(count, len(row_draft))
+            emitted.append(EmittedRow(None, max(count, 1), forced, 0, dropped, 10, None, 0, frozenset()))
+        for row in np.flatnonzero(rng.random(batch) < FINISH_PROBABILITY).tolist():
+            req_ids[row] = f"req-{next_id}"
+            next_id += 1
+            emitted[row] = None
+        if step % 50 == 49:
+            live = set(req_ids)
+            policy.forget(lambda r: r in live)
+    return timings, statistics.fmean(steps_run), statistics.fmean(lengths)
+
+
 def measure(
     stop_rule: str, controller: bool, batch: int, vocab: int, steps: int, warmup: int,
     target_step_ms: float, target_source: str, clock: Callable[[], float] = time.perf_counter,
-    math: str = "host",
+    math: str = "host", ead_k: int = 4,
 ) -> Result:
-    timings, steps_mean, length_mean = run_policy(
-        stop_rule, controller, batch, vocab, steps, warmup, target_step_ms / 1e3, clock=clock, math=math)
+    if stop_rule == "ead":
+        timings, steps_mean, length_mean = run_routing(batch, vocab, steps, warmup, ead_k, clock, math)
+    else:
+        timings, steps_mean, length_mean = run_policy(
+            stop_rule, controller, batch, vocab, steps, warmup, target_step_ms / 1e3, clock=clock, math=math)
     ms = sorted(t * 1e3 for t in timings)
     return Result(
         stop_rule=stop_rule, controller=controller, math=math, batch=batch,
@@ -294,7 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES))
     parser.add_argument("--stop-rules", default=",".join(DEFAULT_STOP_RULES),
-                        help="comma-separated stop rules (none, entropy, adaedl, specdec)")
+                        help="comma-separated stop rules (none, entropy, adaedl, specdec), or ead: "
+                             "EAD's routing policy")
+    parser.add_argument("--ead-k", type=int, default=4, help="draft length of the ead rows")
     parser.add_argument("--steps", type=int, default=300, help="timed engine steps per cell")
     parser.add_argument("--warmup", type=int, default=30, help="untimed engine steps first")
     parser.add_argument("--vocab", type=int, default=None, help="draft vocabulary (default: the pair's)")
@@ -322,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vllm_adaptive.speculative.config import STOP_RULES
 
     stop_rules = [s.strip() for s in args.stop_rules.split(",") if s.strip()]
-    unknown = [s for s in stop_rules if s not in STOP_RULES]
+    unknown = [s for s in stop_rules if s not in (*STOP_RULES, "ead")]
     if unknown:
         print(f"unknown stop rule(s) {unknown}; known: {list(STOP_RULES)}", file=sys.stderr)
         return 2
@@ -349,12 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = []
     for stop_rule in stop_rules:
-        for controller in (False, True):
+        for controller in (False,) if stop_rule == "ead" else (False, True):
             for math in args.math:
                 for batch in args.batch_sizes:
                     ms, source = target_ms[batch]
                     result = measure(stop_rule, controller, batch, vocab, args.steps, args.warmup, ms,
-                                     source, clock, math)
+                                     source, clock, math, args.ead_k)
                     print(f"  {stop_rule:>8} controller {'on ' if controller else 'off'} {math:>6} "
                           f"batch {batch:>4}: {result.policy_ms_median:.3f} ms/step "
                           f"({result.share:.2%} of {ms:.2f} ms), {result.status}", file=sys.stderr)

@@ -41,3 +41,19 @@ def test_policy_cost_refuses_an_unknown_stop_rule(tmp_path: Path) -> None:
 def test_policy_cost_refuses_an_unknown_math(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         policy_cost.main(["--math", "gpu", "--out", str(tmp_path)])
+
+
+def test_policy_cost_measures_the_ead_routing_policy(tmp_path: Path) -> None:
+    status = policy_cost.main([
+        "--batch-sizes", "1,4", "--stop-rules", "ead", "--ead-k", "3", "--steps", "6", "--warmup", "1",
+        "--target-step-ms", "1=8,4=10", "--clock", "cpu", "--out", str(tmp_path),
+    ])
+    assert status == 0
+    with open(tmp_path / "policy_cost.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stop_rule"], r["controller"], r["math"], r["batch"]) for r in rows] == [
+        ("ead", "False", math, batch) for math in ("host", "device") for batch in ("1", "4")]
+    for row in rows:
+        # Speculative rows draft all K steps; a row's draft is K tokens long.
+        assert float(row["draft_steps_mean"]) == 3 and float(row["draft_length_mean"]) == 3
+        assert float(row["policy_ms_median"]) > 0

@@ -1,11 +1,15 @@
 """EAD's switching machine (vllm_adaptive.routing.machine): `switch_step` on batches of rows
-against `ReferenceMachine`, the plain-Python rule, one per row, on scripted sequences."""
+against `ReferenceMachine`, the plain-Python rule, one per row, on scripted sequences.
+
+Every test runs on both array backends the machine accepts: torch tensors (the device path)
+and numpy arrays (the host path a CPU engine uses); the two torch-only tests say so."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,17 +23,50 @@ from vllm_adaptive.routing.machine import (
 )
 
 TIE_MARGIN = 1e-6
+BACKEND = "torch"  # set per test by the `backend` fixture: "torch" or "numpy"
+
+
+@pytest.fixture(params=["torch", "numpy"], autouse=True)
+def backend(request: pytest.FixtureRequest) -> str:
+    global BACKEND
+    BACKEND = request.param
+    return request.param
+
+
+def arr(values: Sequence, dtype: str | None = None) -> torch.Tensor | np.ndarray:
+    """`values` as an array of the test's backend ("float64", "int64", "bool"; None: inferred)."""
+    if BACKEND == "numpy":
+        return np.array(values, dtype=dtype)
+    return torch.tensor(values, dtype=None if dtype is None else getattr(torch, dtype))
+
+
+def start(num_rows: int, max_window: int) -> SwitchState:
+    return SwitchState.start(num_rows, max_window, "cpu", host=BACKEND == "numpy")
+
+
+def params_of(tau: Sequence, window: Sequence, min_stint: Sequence, max_window: int = 64) -> SwitchParams:
+    return SwitchParams.from_lists(tau, window, min_stint, "cpu", max_window=max_window, host=BACKEND == "numpy")
+
+
+def dtype_name(a: torch.Tensor | np.ndarray) -> str:
+    return str(a.dtype).removeprefix("torch.")
+
+
+def on_backend(state: SwitchState) -> bool:
+    """Every field is an array of the test's backend."""
+    kind = np.ndarray if BACKEND == "numpy" else torch.Tensor
+    return all(isinstance(x, kind) for x in (state.entropies, state.count, state.large, state.stint))
 
 
 def assert_matches(state: SwitchState, refs: Sequence[ReferenceMachine]) -> None:
     """Every row of `state` is its reference's state: mode, stint, entries pushed (capped at
     max_window), the newest entries, and the window mean."""
     width = state.max_window
-    assert state.entropies.dtype == torch.float64
+    assert dtype_name(state.entropies) == "float64" and on_backend(state)
     assert state.large.tolist() == [r.large for r in refs]
     assert state.stint.tolist() == [r.stint for r in refs]
     assert state.count.tolist() == [min(len(r.history), width) for r in refs]
-    window = torch.tensor([r.window for r in refs], dtype=torch.int64)
+    window = arr([r.window for r in refs], "int64")
     means = window_mean(state.entropies, state.count, window).tolist()
     for row, ref in enumerate(refs):
         kept = ref.history[-width:]
@@ -49,9 +86,9 @@ def run_batch(
     """Steps the batch through `entropies` ([positions][rows]) and checks owners and state
     against one ReferenceMachine per row at every position; returns the owners [positions][rows]
     (the reference's) and the references."""
-    params = SwitchParams.from_lists(tau, window, min_stint, "cpu", max_window=max_window)
+    params = params_of(tau, window, min_stint, max_window=max_window)
     refs = [ReferenceMachine(t, w, d) for t, w, d in zip(tau, window, min_stint)]
-    state = SwitchState.start(len(refs), max_window, "cpu")
+    state = start(len(refs), max_window)
     owners = []
     for position, row_entropies in enumerate(entropies):
         mask = [True] * len(refs) if active is None else list(active[position])
@@ -59,14 +96,14 @@ def run_batch(
                     for ref, h, on in zip(refs, row_entropies, mask)]
         before = state.clone()
         state, owner = switch_step(
-            state, params, torch.tensor(row_entropies, dtype=torch.float64),
-            None if active is None else torch.tensor(mask))
-        assert owner.dtype == torch.bool
+            state, params, arr(row_entropies, "float64"),
+            None if active is None else arr(mask, "bool"))
+        assert dtype_name(owner) == "bool"
         assert owner.tolist() == expected, f"position {position}"
         assert_matches(state, refs)
         for row, on in enumerate(mask):
             if not on:
-                index = torch.tensor([row])
+                index = arr([row])
                 assert states_equal(state.select(index), before.select(index))
         owners.append(expected)
     return owners, refs
@@ -77,7 +114,7 @@ def column(owners: list[list[bool]], row: int = 0) -> list[bool]:
 
 
 def states_equal(a: SwitchState, b: SwitchState) -> bool:
-    return all(torch.equal(x, y) for x, y in ((a.entropies, b.entropies), (a.count, b.count),
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) and type(x) is type(y) for x, y in ((a.entropies, b.entropies), (a.count, b.count),
                                               (a.large, b.large), (a.stint, b.stint)))
 
 
@@ -184,10 +221,10 @@ def test_tau_below_or_above_every_entropy(min_stint: int) -> None:
 
 
 def test_float32_entropies_are_widened() -> None:
-    params = SwitchParams.from_lists([1.0], [2], [0], "cpu")
-    h = torch.tensor([1.5], dtype=torch.float32)
-    state, owner = switch_step(SwitchState.start(1, 4), params, h)
-    assert state.entropies.dtype == torch.float64 and owner.tolist() == [True]
+    params = params_of([1.0], [2], [0])
+    h = arr([1.5], "float32")
+    state, owner = switch_step(start(1, 4), params, h)
+    assert dtype_name(state.entropies) == "float64" and owner.tolist() == [True]
 
 
 def test_inactive_rows_keep_their_state() -> None:
@@ -206,12 +243,12 @@ def stepped_state(
 ) -> tuple[SwitchState, SwitchParams]:
     """A batch after `steps` random positions (max_window 4)."""
     rng = random.Random(seed)
-    params = SwitchParams.from_lists(
+    params = params_of(
         [1.0 + 0.2 * r for r in range(rows)], [1 + r % 3 for r in range(rows)],
-        [r % 2 for r in range(rows)], "cpu", max_window=4)
-    state = SwitchState.start(rows, 4)
+        [r % 2 for r in range(rows)], max_window=4)
+    state = start(rows, 4)
     for _ in range(steps):
-        h = torch.tensor([rng.uniform(0.0, 3.0) for _ in range(rows)], dtype=torch.float64)
+        h = arr([rng.uniform(0.0, 3.0) for _ in range(rows)], "float64")
         state, _ = switch_step(state, params, h)
     return state, params
 
@@ -223,47 +260,49 @@ def test_clone_is_independent() -> None:
     copy.count += 1
     copy.large ^= True
     copy.stint += 1
-    assert not torch.equal(copy.entropies, state.entropies)
+    assert not np.array_equal(np.asarray(copy.entropies), np.asarray(state.entropies))
     assert states_equal(state, stepped_state()[0])
 
 
 def test_select_then_step_equals_step_then_select() -> None:
     state, params = stepped_state()
-    rows = torch.tensor([3, 0, 4], dtype=torch.int64)
-    h = torch.tensor([0.2, 2.9, 1.3, 0.1, 2.2], dtype=torch.float64)
+    rows = arr([3, 0, 4], "int64")
+    h = arr([0.2, 2.9, 1.3, 0.1, 2.2], "float64")
     full, full_owner = switch_step(state, params, h)
     part, part_owner = switch_step(state.select(rows), params.select(rows), h[rows])
     assert states_equal(part, full.select(rows))
-    assert torch.equal(part_owner, full_owner[rows])
+    assert part_owner.tolist() == full_owner[rows].tolist()
 
 
 def test_where() -> None:
     a, _ = stepped_state(seed=1)
     b, _ = stepped_state(seed=2)
-    mask = torch.tensor([True, False, False, True, False])
+    mask = arr([True, False, False, True, False])
     mixed = a.where(mask, b)
     for row, take_a in enumerate(mask.tolist()):
-        index = torch.tensor([row])
+        index = arr([row])
         assert states_equal(mixed.select(index), (a if take_a else b).select(index))
-    assert states_equal(a.where(torch.ones(5, dtype=torch.bool), b), a)
-    assert states_equal(a.where(torch.zeros(5, dtype=torch.bool), b), b)
+    assert states_equal(a.where(arr([True] * 5), b), a)
+    assert states_equal(a.where(arr([False] * 5), b), b)
 
 
 def test_assign_and_cat_round_trip() -> None:
     state, _ = stepped_state()
-    rows = torch.tensor([4, 1], dtype=torch.int64)
-    target = SwitchState.start(5, 4)
+    rows = arr([4, 1], "int64")
+    target = start(5, 4)
     target.assign(rows, state.select(rows))
     assert states_equal(target.select(rows), state.select(rows))
-    untouched = torch.tensor([0, 2, 3])
-    assert states_equal(target.select(untouched), SwitchState.start(3, 4))
+    untouched = arr([0, 2, 3])
+    assert states_equal(target.select(untouched), start(3, 4))
     target.assign(untouched, state.select(untouched))
     assert states_equal(target, state)
-    parts = [state.select(torch.tensor([0, 1])), state.select(torch.tensor([2])),
-             state.select(torch.tensor([3, 4]))]
+    parts = [state.select(arr([0, 1])), state.select(arr([2])), state.select(arr([3, 4]))]
     assert states_equal(SwitchState.cat(parts), state)
     with pytest.raises(ValueError, match="max_window"):
-        SwitchState.cat([state, SwitchState.start(1, 5)])
+        SwitchState.cat([state, start(1, 5)])
+    other = SwitchState.start(1, 4, "cpu", host=BACKEND != "numpy")
+    with pytest.raises(ValueError, match="mix numpy"):
+        SwitchState.cat([state, other])
 
 
 def test_select_snapshots() -> None:
@@ -273,28 +312,31 @@ def test_select_snapshots() -> None:
     min_stint = [1, 0, 2, 0, 3, 1]
     steps = 9
     entropies = away_from_ties(rng, tau, window, min_stint, positions=steps, low=0.0, high=3.0)
-    params = SwitchParams.from_lists(tau, window, min_stint, "cpu", max_window=4)
-    snapshots = [SwitchState.start(len(tau), 4)]
+    params = params_of(tau, window, min_stint, max_window=4)
+    snapshots = [start(len(tau), 4)]
     for row_entropies in entropies:
-        h = torch.tensor(row_entropies, dtype=torch.float64)
+        h = arr(row_entropies, "float64")
         state, _ = switch_step(snapshots[-1], params, h)
         snapshots.append(state)
     steps_per_row = [0, steps, 3, 1, 7, 5]
-    chosen = select_snapshots(snapshots, torch.tensor(steps_per_row))
+    chosen = select_snapshots(snapshots, arr(steps_per_row))
     refs = []
     for row, s in enumerate(steps_per_row):
-        index = torch.tensor([row])
+        index = arr([row])
         assert states_equal(chosen.select(index), snapshots[s].select(index))
         ref = ReferenceMachine(tau[row], window[row], min_stint[row])
         for position in range(s):
             ref.step(entropies[position][row])
         refs.append(ref)
     assert_matches(chosen, refs)
-    assert states_equal(select_snapshots(snapshots, torch.full((6,), 4)), snapshots[4])
+    assert states_equal(select_snapshots(snapshots, arr([4] * 6)), snapshots[4])
 
 
 def test_switch_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No tensor value reaches Python inside switch_step (on CUDA each would be a sync)."""
+    """No tensor value reaches Python inside switch_step (on CUDA each would be a sync).
+    Torch only (under either backend parameter)."""
+    global BACKEND
+    BACKEND = "torch"
     state, params = stepped_state()
     h = torch.tensor([0.2, 2.9, 1.3, 0.1, 2.2], dtype=torch.float64)
     active = torch.tensor([True, False, True, True, False])
@@ -344,11 +386,11 @@ def test_no_sync_on_cuda() -> None:
 )
 def test_from_lists_validation(tau: list, window: list, min_stint: list, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        SwitchParams.from_lists(tau, window, min_stint, "cpu", max_window=8)
+        params_of(tau, window, min_stint, max_window=8)
 
 
 def test_from_lists_values() -> None:
-    params = SwitchParams.from_lists([1, 2.5], [8, 1], [0, 3], "cpu", max_window=8)
-    assert params.tau.dtype == torch.float64 and params.tau.tolist() == [1.0, 2.5]
-    assert params.window.dtype == torch.int64 and params.window.tolist() == [8, 1]
-    assert params.min_stint.dtype == torch.int64 and params.min_stint.tolist() == [0, 3]
+    params = params_of([1, 2.5], [8, 1], [0, 3], max_window=8)
+    assert dtype_name(params.tau) == "float64" and params.tau.tolist() == [1.0, 2.5]
+    assert dtype_name(params.window) == "int64" and params.window.tolist() == [8, 1]
+    assert dtype_name(params.min_stint) == "int64" and params.min_stint.tolist() == [0, 3]

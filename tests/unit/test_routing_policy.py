@@ -3,6 +3,7 @@
 Each test drives `begin` / `record` / `finish` / `commit` with scripted entropies and tokens and
 checks the drafts, the plan and the committed machine state against what the rule gives by
 hand (vllm_adaptive.routing.machine.ReferenceMachine) for the positions verification emitted.
+Every test runs with the machine in torch tensors and in numpy arrays (`host_math`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,28 @@ import torch
 from vllm_adaptive.routing.config import RoutingConfig
 from vllm_adaptive.routing.machine import ReferenceMachine
 from vllm_adaptive.routing.params import RequestRouting
-from vllm_adaptive.routing.policy import EmittedRow, RoutingPolicy, entropy_bits
+from vllm_adaptive.routing.policy import EmittedRow, RoutingPolicy, entropy_bits, entropy_bits_host
 
 K = 4
 LOW, HIGH = 0.5, 3.0  # entropies below / above the tau used here (1.0)
+HOST_MATH = False  # set per test by the `host_math` fixture
+
+
+@pytest.fixture(params=[False, True], ids=["torch", "host"], autouse=True)
+def host_math(request: pytest.FixtureRequest) -> bool:
+    global HOST_MATH
+    HOST_MATH = request.param
+    return request.param
+
+
+def new_policy(capacity: int = 64) -> RoutingPolicy:
+    policy = RoutingPolicy(RoutingConfig(enabled=True), K, capacity=capacity, host_math=HOST_MATH)
+    assert policy.store.host == HOST_MATH
+    return policy
+
+
+def stored(policy: RoutingPolicy, req_id: str):  # noqa: ANN201 (a SwitchState)
+    return policy.store.select(policy._index([policy.slot_of[req_id]]))
 
 
 def routing(mode: str, tau: float = 1.0, window: int = 1, min_stint: int = 0) -> RequestRouting:
@@ -52,20 +71,20 @@ def test_entropy_bits_of_uniform_and_masked_rows() -> None:
 
 
 def test_faithful_draft_stops_before_the_first_large_position() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     drafts, plan = draft_steps(policy, ["a"], [routing("faithful")], [[LOW], [LOW], [HIGH], [LOW]])
     assert drafts == [[100, 101]]
     assert plan.rows["a"].forced == (True, True) and not plan.rows["a"].drop_bonus
 
 
 def test_faithful_draft_small_to_k_drops_the_bonus() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     drafts, plan = draft_steps(policy, ["a"], [routing("faithful")], [[LOW]] * K)
     assert drafts == [[100, 101, 102, 103]] and plan.rows["a"].drop_bonus
 
 
 def test_faithful_large_row_drafts_nothing_and_the_loop_ends_early() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     draft = policy.begin(["a"], [routing("faithful")], np.ones(1, dtype=bool))
     draft.record(torch.zeros(1, 8), torch.tensor([7]), None, torch.tensor([HIGH], dtype=torch.float64))
     assert draft.should_end()
@@ -74,7 +93,7 @@ def test_faithful_large_row_drafts_nothing_and_the_loop_ends_early() -> None:
 
 
 def test_speculative_forces_small_positions_and_verifies_large_ones() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     drafts, plan = draft_steps(policy, ["a", "b"], [routing("speculative"), None],
                                [[LOW, 9.0], [HIGH, 9.0], [LOW, 9.0], [LOW, 9.0]])
     assert drafts == [[100, 101, 102, 103], [110, 111, 112, 113]]  # b (no EAD): K tokens, verified
@@ -83,7 +102,7 @@ def test_speculative_forces_small_positions_and_verifies_large_ones() -> None:
 
 
 def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     entropies = [0.2, 0.4, 2.5, 0.1]
     draft_steps(policy, ["a"], [routing("speculative", window=2)], [[h] for h in entropies])
     # Verification accepted the forced first two positions and rejected the third (a recovered
@@ -91,7 +110,7 @@ def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers()
     policy.commit(["a"], [emitted(3, [True, True, False, True])])
     reference = ReferenceMachine(tau=1.0, window=2, min_stint=0)
     owners = [reference.step(h) for h in entropies[:3]]
-    state = policy.store.select(torch.tensor([policy.slot_of["a"]]))
+    state = stored(policy, "a")
     assert bool(state.large[0]) == reference.large and int(state.stint[0]) == reference.stint
     assert int(state.count[0]) == 3
     assert owners == [False, False, True]
@@ -105,15 +124,15 @@ def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers()
 
 
 def test_dropped_bonus_counts_every_emitted_token_as_accepted() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     draft_steps(policy, ["a"], [routing("faithful")], [[LOW]] * K)
     policy.commit(["a"], [emitted(K, [True] * K, dropped=True)])
     assert (policy.counters.small_tokens, policy.counters.large_tokens) == (K, 0)
-    assert int(policy.store.select(torch.tensor([policy.slot_of["a"]])).count[0]) == K
+    assert int(stored(policy, "a").count[0]) == K
 
 
 def test_rows_without_a_plan_count_their_tokens_as_the_large_models() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     policy.commit(["a", "b"], [emitted(1, []), None])  # a's first token (the prefill's), b: no EAD
     assert (policy.counters.small_tokens, policy.counters.large_tokens) == (0, 1)
 
@@ -130,13 +149,13 @@ def test_emitted_tokens_are_cut_where_the_request_stops(row: EmittedRow, kept: i
 
 
 def test_state_follows_a_request_across_batches_and_slots_grow() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K, capacity=1)
+    policy = new_policy(capacity=1)
     draft_steps(policy, ["a"], [routing("speculative")], [[HIGH]] * K)
     policy.commit(["a"], [emitted(K + 1, [False] * K)])  # all verified and accepted, bonus kept
     # A new request joins first in the batch: the store grows, "a" keeps its state.
     draft_steps(policy, ["b", "a"], [routing("speculative"), routing("speculative")],
                 [[LOW, LOW]] * K)
-    state = policy.store.select(torch.tensor([policy.slot_of["a"]]))
+    state = stored(policy, "a")
     assert bool(state.large[0]) and int(state.stint[0]) == K and int(state.count[0]) == K
     assert policy.store.large.shape[0] >= 2
     policy.forget(lambda r: r == "b")
@@ -144,14 +163,60 @@ def test_state_follows_a_request_across_batches_and_slots_grow() -> None:
 
 
 def test_no_ead_row_means_no_routed_draft() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     assert policy.begin(["a"], [None], np.ones(1, dtype=bool)) is None
     assert policy.begin(["a"], [routing("faithful")], np.zeros(1, dtype=bool)) is None
 
 
 def test_snapshot_reports_fractions() -> None:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K)
+    policy = new_policy()
     policy.counters.small_tokens, policy.counters.large_tokens, policy.counters.target_passes = 3, 1, 2
     snapshot = policy.snapshot()
     assert snapshot["large_fraction"] == 0.25 and snapshot["target_passes_per_token"] == 0.5
     assert math.isclose(snapshot["counters"]["small_tokens"], 3)
+
+
+def test_host_entropy_equals_the_torch_entropy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=generator) * torch.tensor([0.1, 1, 3, 10, 30, 1])[:, None]
+    logits[5, 100:] = float("-inf")  # masked entries count 0
+    host = entropy_bits_host(logits)
+    assert host.dtype == np.float64
+    np.testing.assert_allclose(host, entropy_bits(logits).numpy(), rtol=1e-5, atol=1e-5)
+    assert entropy_bits_host(torch.zeros(1, 8)).tolist() == pytest.approx([3.0])
+
+
+def test_host_math_needs_a_cpu_device() -> None:
+    with pytest.raises(ValueError, match="host_math needs a CPU device"):
+        RoutingPolicy(RoutingConfig(enabled=True), K, device="meta", host_math=True)
+    assert RoutingPolicy(RoutingConfig(enabled=True), K).host  # the default on CPU
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_host_and_torch_machines_take_the_same_decisions(seed: int) -> None:
+    """Both backends through 30 engine steps of a churning batch (faithful and speculative rows,
+    windows, stints, partial verification): the same drafts, plans, counters and stored state."""
+    rng = np.random.default_rng(seed)
+    policies = [RoutingPolicy(RoutingConfig(enabled=True), K, capacity=2, host_math=h) for h in (False, True)]
+    knobs = {f"r{i}": routing(str(rng.choice(["faithful", "speculative"])), tau=float(rng.uniform(0.5, 2.0)),
+                              window=int(rng.integers(1, 5)), min_stint=int(rng.integers(0, 3)))
+             for i in range(8)}
+    for step in range(30):
+        req_ids = sorted(rng.choice(sorted(knobs), size=int(rng.integers(1, 6)), replace=False).tolist())
+        routings = [knobs[r] if i == 0 or rng.random() < 0.8 else None for i, r in enumerate(req_ids)]
+        entropies = rng.uniform(0.0, 3.0, size=(K, len(req_ids))).round(3).tolist()
+        results = [draft_steps(p, req_ids, routings, entropies) for p in policies]
+        (drafts, plan), (host_drafts, host_plan) = results
+        assert host_drafts == drafts and host_plan == plan, f"step {step}"
+        rows = [None if r is None else emitted(min(len(d) + 1, int(rng.integers(1, K + 2))), [True] * len(d))
+                for r, d in zip(routings, drafts)]
+        for policy in policies:
+            policy.commit(req_ids, rows)
+        assert policies[1].counters == policies[0].counters
+        for req_id in policies[0].slot_of:
+            torch_state, host_state = (stored(p, req_id) for p in policies)
+            for field in ("entropies", "count", "large", "stint"):
+                assert getattr(host_state, field).tolist() == getattr(torch_state, field).tolist(), field
+        if step % 7 == 6:
+            for policy in policies:
+                policy.forget(lambda r: r in req_ids)

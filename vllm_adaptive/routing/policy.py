@@ -23,7 +23,9 @@ previous step's verification emitted: the machine state of each request moves to
 after its emitted positions, and the small/large counts), `begin`, `record` per draft step
 (entropy in bits before temperature, one machine step), `finish` (drafts and the plan for the
 gate). The machine state lives on the device, one slot per request; per draft step nothing is
-read back to the host except, on CPU, whether every row has stopped.
+read back to the host except, on CPU, whether every row has stopped. On a CPU device
+(`host_math`, the default there) the machine runs on numpy arrays instead of torch tensors: the
+same rule (vllm_adaptive.routing.machine), without torch's dispatch cost of microseconds per op.
 
 The first generated token of a request is the target's (the prefill samples it), and the small
 model's entropy is seen only for positions it computed: the position after a full draft whose
@@ -45,6 +47,7 @@ from vllm_adaptive.routing.config import RoutingConfig
 from vllm_adaptive.routing.gate import Receipt, RoutingPlan, RowPlan
 from vllm_adaptive.routing.machine import SwitchParams, SwitchState, select_snapshots, switch_step
 from vllm_adaptive.routing.params import RequestRouting
+from vllm_adaptive.speculative.stop_rules import host_draft_stats
 
 FAILURE_STAGES = ("commit", "begin", "draft", "finish", "gate")
 # Stint-length histogram buckets (upper bounds, tokens); the last one is open.
@@ -58,6 +61,14 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
     return (-plogp.sum(dim=-1)).double() / _LN2
+
+
+def entropy_bits_host(logits: torch.Tensor) -> np.ndarray:
+    """`entropy_bits` of CPU logits as a numpy float64 array [B] (numpy for small float32
+    matrices, as `host_draft_stats`; float32 arithmetic like `entropy_bits`)."""
+    stats = host_draft_stats(logits, None, entropy=True)
+    assert stats.entropy is not None
+    return stats.entropy.astype(np.float64) / _LN2
 
 
 @dataclasses.dataclass
@@ -119,12 +130,13 @@ class EmittedRow:
 
 
 class RoutedDraft:
-    """One propose call's draft steps for a batch with EAD rows (device tensors per step)."""
+    """One propose call's draft steps for a batch with EAD rows (device tensors per step, numpy
+    machine arrays on the host path)."""
 
     def __init__(
         self, policy: RoutingPolicy, req_ids: list[str], k: int, routed: np.ndarray,
         faithful: np.ndarray, decoding: np.ndarray, params: SwitchParams, state: SwitchState,
-        slots: torch.Tensor,
+        slots: np.ndarray | torch.Tensor,
     ) -> None:
         self.policy = policy
         self.req_ids = req_ids
@@ -133,29 +145,39 @@ class RoutedDraft:
         self.faithful = faithful  # host [B] bool: routed rows in faithful mode
         self.params = params
         self.slots = slots
-        device = state.large.device
-        self.faithful_t = torch.from_numpy(faithful).to(device)
-        self.active = torch.from_numpy(routed).to(device)
+        self.host = state.host
+        if self.host:
+            self.faithful_t: np.ndarray | torch.Tensor = faithful.copy()
+            self.active: np.ndarray | torch.Tensor = routed.copy()
+        else:
+            self.faithful_t = torch.from_numpy(faithful).to(state.large.device)
+            self.active = torch.from_numpy(routed).to(state.large.device)
         self.snapshots = [state]
-        self.ran: list[torch.Tensor] = []  # per step [B] bool: the machine stepped the row
-        self.owners: list[torch.Tensor] = []  # per step [B] bool: LARGE owns the position
+        self.ran: list[np.ndarray | torch.Tensor] = []  # per step [B] bool: the machine stepped the row
+        self.owners: list[np.ndarray | torch.Tensor] = []  # per step [B] bool: LARGE owns the position
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
         # Rows that take all K steps (non-EAD decode rows, speculative EAD rows): while there
         # are some, the loop never ends early.
         self.full_length = bool(((decoding & ~routed) | (routed & ~faithful)).any())
-        self.can_end_early = (not self.full_length) and device.type == "cpu"
+        self.can_end_early = (not self.full_length) and (self.host or state.large.device.type == "cpu")
         self.failed = False
 
     @property
     def steps(self) -> int:
         return len(self.tokens)
 
+    def entropy(self, logits: torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The small model's next-token entropy in bits per row, as `record` takes it."""
+        return entropy_bits_host(logits) if self.host else entropy_bits(logits)
+
     def record(self, logits: torch.Tensor, token_ids: torch.Tensor | None, probs: torch.Tensor | None,
-               entropy: torch.Tensor) -> None:
+               entropy: np.ndarray | torch.Tensor) -> None:
         raise_if_injected("routing:draft")
         if self.steps >= self.k:
             raise RuntimeError(f"draft step {self.steps + 1} recorded, but K is {self.k}")
+        if self.host and isinstance(entropy, torch.Tensor):
+            entropy = entropy.cpu().numpy()
         active = self.active
         state, large = switch_step(self.snapshots[-1], self.params, entropy, active)
         self.snapshots.append(state)
@@ -185,23 +207,29 @@ class _Pending:
     steps_run: np.ndarray  # [B] int: machine steps per row
     owners: np.ndarray  # [B, steps] bool (LARGE)
     snapshots: list[SwitchState]
-    slots: torch.Tensor  # [B] int64
+    slots: np.ndarray | torch.Tensor  # [B] int64
     start_large: np.ndarray  # [B] bool: the mode before this step's first position
     start_stint: np.ndarray  # [B] int
 
 
 class RoutingPolicy:
-    """Per-request machine state in device slots, the step's drafts and plan, counters."""
+    """Per-request machine state in device slots, the step's drafts and plan, counters.
+
+    `host_math` (default: on a CPU device) keeps the machine in numpy arrays."""
 
     def __init__(self, config: RoutingConfig, num_speculative_tokens: int,
-                 device: torch.device | str = "cpu", capacity: int = 64) -> None:
+                 device: torch.device | str = "cpu", capacity: int = 64,
+                 host_math: bool | None = None) -> None:
         if num_speculative_tokens < 1:
             raise ValueError(f"EAD needs num_speculative_tokens >= 1, got {num_speculative_tokens}")
         injected_faults()
         self.config = config
         self.k = num_speculative_tokens
         self.device = torch.device(device)
-        self.store = SwitchState.start(capacity, config.max_window, self.device)
+        self.host = self.device.type == "cpu" if host_math is None else bool(host_math)
+        if self.host and self.device.type != "cpu":
+            raise ValueError(f"host_math needs a CPU device, got {self.device}")
+        self.store = self._start(capacity)
         self.slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self.routings: dict[str, RequestRouting | None] = {}
@@ -235,15 +263,23 @@ class RoutingPolicy:
             if not self._free:
                 self._grow()
             slot = self.slot_of[req_id] = self._free.pop()
-            fresh = SwitchState.start(1, self.config.max_window, self.device)
-            self.store.assign(torch.tensor([slot], device=self.device), fresh)
+            self.store.assign(self._index([slot]), self._start(1))
         return slot
 
     def _grow(self) -> None:
         old = self.store.large.shape[0]
-        extra = SwitchState.start(old, self.config.max_window, self.device)
+        extra = self._start(old)
         self.store = SwitchState.cat([self.store, extra])
         self._free.extend(range(2 * old - 1, old - 1, -1))
+
+    def _start(self, num_rows: int) -> SwitchState:
+        return SwitchState.start(num_rows, self.config.max_window, self.device, host=self.host)
+
+    def _index(self, values: Sequence[int]) -> np.ndarray | torch.Tensor:
+        """int64 row indices for the store's arrays."""
+        if self.host:
+            return np.array(values, dtype=np.int64)
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     # --- one engine step ------------------------------------------------------------------------
 
@@ -280,11 +316,9 @@ class RoutingPolicy:
             chosen.append(position)
             self._count_switches(pending, p, position)
         if pending is not None and rows:
-            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            committed = select_snapshots(
-                [s.select(index) for s in pending.snapshots],
-                torch.tensor(chosen, dtype=torch.int64, device=self.device))
-            self.store.assign(pending.slots.index_select(0, index), committed)
+            index = self._index(rows)
+            committed = select_snapshots([s.select(index) for s in pending.snapshots], self._index(chosen))
+            self.store.assign(pending.slots[index], committed)
 
     def _count_switches(self, pending: _Pending, row: int, positions: int) -> None:
         counters = self.counters
@@ -323,9 +357,7 @@ class RoutingPolicy:
             return None
         faithful = routed & np.fromiter(
             (r is not None and r.mode == "faithful" for r in routings), dtype=bool, count=len(routings))
-        slots = torch.tensor(
-            [self._slot(r) if on else 0 for r, on in zip(req_ids, routed.tolist())],
-            dtype=torch.int64, device=self.device)
+        slots = self._index([self._slot(r) if on else 0 for r, on in zip(req_ids, routed.tolist())])
         state = self.store.select(slots)
         return RoutedDraft(self, list(req_ids), self.k, routed, faithful, decoding,
                            self._row_params(req_ids, routings), state, slots)
@@ -337,7 +369,7 @@ class RoutingPolicy:
             chosen = [r or default for r in routings]
             self._params = SwitchParams.from_lists(
                 [r.tau for r in chosen], [r.window for r in chosen], [r.min_stint for r in chosen],
-                device=self.device, max_window=self.config.max_window)
+                device=self.device, max_window=self.config.max_window, host=self.host)
             self._params_key = key
         return self._params
 
@@ -349,11 +381,15 @@ class RoutingPolicy:
         if steps == 0:
             raise RuntimeError("the draft loop ran no step")
         tokens = torch.stack(draft.tokens, dim=1).to(torch.int64).cpu().numpy()
-        owners = torch.stack(draft.owners, dim=1).cpu().numpy()
-        ran = torch.stack(draft.ran, dim=1).cpu().numpy()
         start = draft.snapshots[0]
-        start_large = start.large.cpu().numpy()
-        start_stint = start.stint.cpu().numpy()
+        if self.host:
+            owners, ran = np.stack(draft.owners, axis=1), np.stack(draft.ran, axis=1)
+            start_large, start_stint = start.large, start.stint
+        else:
+            owners = torch.stack(draft.owners, dim=1).cpu().numpy()
+            ran = torch.stack(draft.ran, dim=1).cpu().numpy()
+            start_large = start.large.cpu().numpy()
+            start_stint = start.stint.cpu().numpy()
         steps_run = ran.sum(axis=1)
         drafts: list[list[int]] = []
         rows: dict[str, RowPlan] = {}

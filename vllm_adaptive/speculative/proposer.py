@@ -59,7 +59,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_adaptive.config import AdaptiveConfig
 from vllm_adaptive.routing import gate as routing_gate
-from vllm_adaptive.routing.policy import RoutedDraft, RoutingPolicy, emitted_rows, entropy_bits
+from vllm_adaptive.routing.policy import RoutedDraft, RoutingPolicy, emitted_rows
 from vllm_adaptive.speculative.compatibility import check_vllm_config
 from vllm_adaptive.speculative.policy import DraftInProgress, DraftLengthPolicy
 from vllm_adaptive.worker_metrics import ROUTING, SPECULATIVE, SnapshotPublisher
@@ -391,7 +391,7 @@ class AdaptiveDraftModelProposer(DraftModelProposer):
             return super()._sample_draft_tokens(hidden_states, sampling_metadata)
         logits = self.model.compute_logits(hidden_states)
         try:
-            entropy = entropy_bits(logits)  # before _sample_from_logits divides by temperature
+            entropy = draft.entropy(logits)  # before _sample_from_logits divides by temperature
         except Exception:
             draft.failed = True
             self._routing_failed("draft")
