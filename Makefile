@@ -13,9 +13,11 @@ MODEL ?=
 SERVED_MODEL_NAME ?= adaptive-target
 # Optional YAML config for the plugin (see README, "Configuration").
 ADAPTIVE_CONFIG ?=
-# Speculative decoding with vLLM's draft-model method: `draft` (the project's shipped draft)
-# or a model folder; add ADAPTIVE_CONFIG=configs/adaptive-speculative.yaml
-# for adaptive draft length (README, "Speculative decoding with adaptive draft length").
+# Speculative decoding with vLLM's draft-model method: `draft` (the project's shipped draft),
+# `small` (the shipped 4-layer small model, for EAD) or a model folder; add
+# ADAPTIVE_CONFIG=configs/adaptive-speculative.yaml for adaptive draft length (README,
+# "Speculative decoding with adaptive draft length"), or DRAFT_MODEL=small
+# ADAPTIVE_CONFIG=configs/ead.yaml for entropy-routed switching (README, "EAD").
 DRAFT_MODEL ?=
 # On CPU, vLLM reserves gpu_memory_utilization (default 0.92) of *host RAM* for the KV cache;
 # a fixed small budget leaves room for other processes.
@@ -54,7 +56,7 @@ serve: setup
 	@model="$(MODEL)"; \
 	if [ -z "$$model" ]; then model=$$($(BIN)/python -m benchmarks.models.shipped --print-path target) || exit 1; fi; \
 	draft="$(DRAFT_MODEL)"; \
-	if [ "$$draft" = draft ]; then draft=$$($(BIN)/python -m benchmarks.models.shipped --print-path draft) || exit 1; fi; \
+	case "$$draft" in draft|small) draft=$$($(BIN)/python -m benchmarks.models.shipped --print-path $$draft) || exit 1;; esac; \
 	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive$${draft:+, draft model $$draft}"; \
 	exec $(BIN)/vllm serve "$$model" --plugin adaptive \
 		$(if $(ADAPTIVE_CONFIG),--adaptive-config $(ADAPTIVE_CONFIG)) \

@@ -222,4 +222,7 @@ SMALL = dataclasses.replace(
     gate=dataclasses.replace(TARGET.gate, accuracy=(("arith", 0.5), ("recall", 0.9))),
 )
 
-CONFIGS = {"draft": DRAFT, "target": TARGET}
+# The models `benchmarks.models.train` knows, by role; the pair (draft, target) is what
+# speculative decoding and `make train` use, `small` is EAD's small model (models/adaptive-small).
+CONFIGS = {"draft": DRAFT, "target": TARGET, "small": SMALL}
+PAIR = ("draft", "target")

@@ -1,4 +1,5 @@
-"""The trained draft/target pair as the repository ships it: `models/adaptive-{draft,target}/`.
+"""The trained models as the repository ships them: `models/adaptive-{draft,target,small}/`
+(the speculative pair, and the small model that Entropy Adaptive Decoding routes with).
 
 Each folder is a Hugging Face Llama folder (config, bfloat16 `model.safetensors`, tokenizer) plus
 `manifest.json`: the training recipe's cache key, the weights' sha256, and the held-out figures
@@ -6,10 +7,10 @@ vLLM measured on these weights (`python -m benchmarks.evaluate`, greedy), with t
 which a retrained pair counts as reproducing them. `make serve` serves the shipped target as it
 is, so a fresh machine needs no training; `make train` retrains from the recipe and compares its
 figures with the manifest (`python -m benchmarks.models.train --verify`); `--ship` writes a
-trained pair here.
+trained model here.
 
     python -m benchmarks.models.shipped --print-path target   # the verified folder, for scripts
-    python -m benchmarks.models.shipped                       # both manifests' figures
+    python -m benchmarks.models.shipped                       # every manifest's figures
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "models"
-ROLES = ("draft", "target")
+ROLES = ("draft", "target", "small")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 # Files copied from a trained folder next to the converted weights.

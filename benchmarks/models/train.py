@@ -1,6 +1,7 @@
-"""Train the project's draft and target models on CPU, deterministically, and cache them.
+"""Train the project's draft, target and small models on CPU, deterministically, and cache them.
 
-    python -m benchmarks.models.train                    # both (cached after the first run)
+    python -m benchmarks.models.train                    # draft and target (cached after the first run)
+    python -m benchmarks.models.train --model small --verify --ship   # EAD's small model into models/
     python -m benchmarks.models.train --model target --print-path   # for scripts: the folder only
     python -m benchmarks.models.train --check 100        # plus a quick held-out accuracy check
     python -m benchmarks.models.train --verify           # `make train`: vLLM figures vs the shipped pair
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.models.pair import CONFIGS, Gate, Phase, TrainingConfig
+from benchmarks.models.pair import CONFIGS, PAIR, Gate, Phase, TrainingConfig
 from benchmarks.models.tiny import cache_root
 
 if TYPE_CHECKING:
@@ -693,7 +694,7 @@ def evaluate_pair(paths: dict[str, Path], n: int, seed: int) -> dict[str, dict[s
     return accuracy
 
 
-def verify_against_shipped(paths: dict[str, Path], ship: bool) -> bool:
+def verify_against_shipped(paths: dict[str, Path], ship: bool, command: str = "python -m benchmarks.models.train --verify --ship") -> bool:
     """Evaluate the trained pair like the manifests were, say whether it reproduces them, and
     with `ship` write it into models/ with its own figures."""
     from benchmarks.models import shipped
@@ -714,7 +715,7 @@ def verify_against_shipped(paths: dict[str, Path], ship: bool) -> bool:
         _stderr(f"{role}: {figures}; {same}; {'reproduces' if not found else 'DOES NOT reproduce'} the shipped "
                 f"figures within {entry.tolerance:.2f}")
     if ship:
-        evaluation = {"command": "python -m benchmarks.models.train --verify --ship", "n": n, "seed": EVAL_SEED,
+        evaluation = {"command": command, "n": n, "seed": EVAL_SEED,
                       "dtype": "bfloat16", "vllm": _vllm_version()}
         for role, path in paths.items():
             _stderr(f"{role}: shipped to {shipped.ship(role, path, accuracy[role], evaluation)}")
@@ -729,22 +730,21 @@ def _vllm_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.models.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*CONFIGS, "both"], default="both")
+    parser.add_argument("--model", choices=[*CONFIGS, "both", "all"], default="both",
+                        help="both: the speculative pair (draft and target); all: the pair and EAD's small model")
     parser.add_argument("--print-path", action="store_true", help="print only the model folder (one model)")
     parser.add_argument("--force", action="store_true", help="train even if cached")
     parser.add_argument("--check", type=int, default=0, metavar="N",
                         help="after training, greedy accuracy on N held-out arith and recall examples (transformers)")
     parser.add_argument("--verify", action="store_true",
-                        help="after training, evaluate both with vLLM (n=100) and compare with the shipped "
+                        help="after training, evaluate the models with vLLM (n=100) and compare with the shipped "
                              "manifests (models/*/manifest.json); exit 1 when they do not reproduce")
     parser.add_argument("--ship", action="store_true",
-                        help="with --verify: write the trained pair and its figures into models/")
+                        help="with --verify: write the trained models and their figures into models/")
     args = parser.parse_args(argv)
-    names = list(CONFIGS) if args.model == "both" else [args.model]
+    names = {"both": list(PAIR), "all": list(CONFIGS)}.get(args.model, [args.model])
     if args.print_path and len(names) != 1:
-        parser.error("--print-path needs --model draft or --model target")
-    if (args.verify or args.ship) and names != list(CONFIGS):
-        parser.error("--verify and --ship work on both models (--model both)")
+        parser.error(f"--print-path needs one model: --model {' or '.join(CONFIGS)}")
     paths = {}
     for name in names:
         start = time.perf_counter()
@@ -758,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{quick_check(path, ['arith', 'recall'], args.check)}")
         print(path if args.print_path else f"{name}: {path}", flush=True)
     if args.verify or args.ship:
-        if not verify_against_shipped(paths, ship=args.ship) and not args.ship:
+        command = " ".join(["python -m benchmarks.models.train", *(argv if argv is not None else sys.argv[1:])])
+        if not verify_against_shipped(paths, ship=args.ship, command=command) and not args.ship:
             sys.exit(1)
 
 

@@ -34,6 +34,16 @@ def test_the_shipped_target_is_the_better_model_on_arith_and_recall() -> None:
     assert target.accuracy["recall"] >= 0.9
 
 
+def test_the_shipped_small_model_is_right_part_of_the_time() -> None:
+    """EAD's small model: right on part of arith (the draft is not), below the target, far smaller."""
+    draft, small, target = (shipped.manifest(role) for role in ("draft", "small", "target"))
+    assert 0.3 <= small.accuracy["arith"] < target.accuracy["arith"]
+    assert small.accuracy["arith"] >= draft.accuracy["arith"] + 0.3
+    assert small.accuracy["recall"] >= 0.9
+    assert small.parameters * 5 < target.parameters
+    assert small.name == CONFIGS["small"].name == "adaptive-small"
+
+
 def test_changed_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "adaptive-draft"
     copy.mkdir()
