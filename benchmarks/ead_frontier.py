@@ -610,7 +610,7 @@ def _max_tokens(value: str) -> dict[str, int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ead_frontier", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="target", help="large model: a folder or a trained model's name")
-    parser.add_argument("--draft", default="draft", help="small model: a folder or a trained model's name")
+    parser.add_argument("--draft", default="small", help="small model: a folder or a shipped model's name (draft, target, small)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated, from arith,text,recall; the first is the frontier's (plot, checks)")
     parser.add_argument("--n", type=int, default=100, help="held-out prompts per task")

@@ -1,6 +1,7 @@
 """Speculative decoding in vLLM's CPU engine: no speculation, fixed K, ngram, adaptive draft length.
 
     python -m benchmarks.speculative                     # the trained pair, arith and text, batch 1 and 32
+    python -m benchmarks.speculative --batch-sizes 32,64 --mixed 48   # + batch 64 and a mixed batch
 
 Configurations (columns of the table, one engine each):
 
@@ -18,7 +19,9 @@ Configurations (columns of the table, one engine each):
 Every engine runs in the same environment, with the plugin installed; only `adaptive` switches it
 on (installed but off, the plugin leaves vLLM's outputs unchanged: tests/engine). Each engine runs in its own process and, per task, times the held-out prompts
 (benchmarks.tasks.mixture.eval_examples, greedy) one at a time (batch 1: --batch1-prompts of
-them, prefix cache reset before each) and --batch-size of them at once. The whole list of
+them, prefix cache reset before each) and, for each of --batch-sizes, that many at once; with
+--mixed N, also a `mixed` workload: N prompts at once, taken in turn from arith, text and recall
+(each with its task's max_tokens), as a server sees them. The whole list of
 configurations runs --repeats times, in a different order each time (interleaved: this machine
 is noisy), and every ratio is taken between engines of the same repeat, then averaged.
 
@@ -133,6 +136,16 @@ def _adaptive_passes(llm: Any) -> float:
     return float(sum((s["speculative"] or {}).get("counters", {}).get("draft_passes", 0) for s in states))
 
 
+def _sampling_params(workload: Mapping[str, Any]) -> Any:
+    """Greedy SamplingParams for the workload: one, or one per prompt (a mixed workload)."""
+    from vllm import SamplingParams
+
+    limits = workload["max_tokens"]
+    if isinstance(limits, list):
+        return [SamplingParams(temperature=0.0, max_tokens=n) for n in limits]
+    return SamplingParams(temperature=0.0, max_tokens=limits)
+
+
 def run_engine(target: str, config: Config, workloads: list[dict[str, Any]],
                engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Start one engine for `config`, run every workload, return their figures and outputs."""
@@ -156,7 +169,7 @@ def run_engine(target: str, config: Config, workloads: list[dict[str, Any]],
         warm = SamplingParams(temperature=0.0, max_tokens=8)
         llm.generate([{"prompt_token_ids": workloads[0]["prompts"][0]}], warm, use_tqdm=False)
         for workload in workloads:
-            params = SamplingParams(temperature=0.0, max_tokens=workload["max_tokens"])
+            params = _sampling_params(workload)
             prompts = [{"prompt_token_ids": ids} for ids in workload["prompts"]]
             llm.reset_prefix_cache()
             before = _counters(llm)
@@ -196,20 +209,32 @@ def _child_main(spec_path: str, out_path: str) -> None:
 # --- the orchestrator ---------------------------------------------------------------------------
 
 
-def build_workloads(tokenizer_path: str, tasks: Sequence[str], batch1_prompts: int, batch_size: int,
-                    seed: int) -> list[dict[str, Any]]:
+MIXED_TASKS = ("arith", "text", "recall")
+
+
+def build_workloads(tokenizer_path: str, tasks: Sequence[str], batch1_prompts: int, batch_sizes: Sequence[int],
+                    seed: int, mixed: int = 0) -> list[dict[str, Any]]:
+    """Per task: batch 1 (`batch1_prompts` prompts) and each batch size; then, with `mixed`, one
+    batch of `mixed` prompts taking arith, text and recall in turn (each its own max_tokens)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    workloads = []
+    workloads: list[dict[str, Any]] = []
     for task in tasks:
-        examples = eval_examples(task, seed, max(batch1_prompts, batch_size))
+        examples = eval_examples(task, seed, max(batch1_prompts, *batch_sizes, 1))
         ids = [tokenizer.encode(e.prompt) for e in examples]
         if batch1_prompts:
             workloads.append({"task": task, "batch": 1, "max_tokens": MAX_TOKENS[task], "prompts": ids[:batch1_prompts]})
-        if batch_size > 1:
-            workloads.append({"task": task, "batch": batch_size, "max_tokens": MAX_TOKENS[task],
-                              "prompts": ids[:batch_size]})
+        for batch_size in batch_sizes:
+            if batch_size > 1:
+                workloads.append({"task": task, "batch": batch_size, "max_tokens": MAX_TOKENS[task],
+                                  "prompts": ids[:batch_size]})
+    if mixed:
+        per_task = -(-mixed // len(MIXED_TASKS))
+        pools = {t: [tokenizer.encode(e.prompt) for e in eval_examples(t, seed, per_task)] for t in MIXED_TASKS}
+        order = [MIXED_TASKS[i % len(MIXED_TASKS)] for i in range(mixed)]
+        workloads.append({"task": "mixed", "batch": mixed, "max_tokens": [MAX_TOKENS[t] for t in order],
+                          "prompts": [pools[t][i // len(MIXED_TASKS)] for i, t in enumerate(order)]})
     return workloads
 
 
@@ -314,7 +339,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--adaptive-config", type=Path, default=None,
                         help="YAML/JSON file with the plugin's `speculative` section for the adaptive run")
     parser.add_argument("--batch1-prompts", type=int, default=8, help="prompts timed one at a time per task")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts generated at once per task")
+    parser.add_argument("--batch-sizes", "--batch-size", default="32",
+                        help="comma-separated: prompts generated at once per task, one workload each (e.g. 32,64)")
+    parser.add_argument("--mixed", type=int, default=0,
+                        help="a mixed workload: this many prompts at once, arith, text and recall in turn (0: none)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cost-ratio", type=float, default=GPU_COST_RATIO,
                         help="draft/target cost per pass for the modelled speedup")
@@ -335,11 +363,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ks: expected a range like 1-8 or a list like 1,2,4, got {args.ks!r}")
     if any(k < 1 for k in args.k_list):
         parser.error(f"--ks: every K must be >= 1, got {args.k_list}")
+    try:
+        args.batch_size_list = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes: expected numbers like 32,64, got {args.batch_sizes!r}")
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if bad := [t for t in args.task_list if t not in MAX_TOKENS]:
         parser.error(f"--tasks: unknown {bad}; known: {sorted(MAX_TOKENS)}")
-    if args.repeats < 1 or args.batch1_prompts < 0 or args.batch_size < 0:
-        parser.error("--repeats must be >= 1, --batch1-prompts and --batch-size >= 0")
+    if args.repeats < 1 or args.batch1_prompts < 0 or any(b < 0 for b in args.batch_size_list) or args.mixed < 0:
+        parser.error("--repeats must be >= 1, --batch1-prompts, --batch-sizes and --mixed >= 0")
     if not 0 <= args.cost_ratio < 1:
         parser.error(f"--cost-ratio must be in [0, 1), got {args.cost_ratio}")
     return args
@@ -370,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown := keep - {c.name for c in configs}:
             raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in keep]
-    workloads = build_workloads(target, args.task_list, args.batch1_prompts, args.batch_size, args.seed)
+    workloads = build_workloads(target, args.task_list, args.batch1_prompts, args.batch_size_list, args.seed,
+                                args.mixed)
     out = args.out or Path("results") / "speculative" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out / "engines").mkdir(parents=True, exist_ok=True)
     runs = []
@@ -387,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = format_table(rows)
     meta = {"created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "target": target,
             "draft": draft, "tasks": args.task_list, "batch1_prompts": args.batch1_prompts,
-            "batch_size": args.batch_size, "repeats": args.repeats, "cost_ratio": args.cost_ratio,
+            "batch_sizes": args.batch_size_list, "mixed": args.mixed, "repeats": args.repeats, "cost_ratio": args.cost_ratio,
             "seed": args.seed, "engine_args": args.engine_args, "max_tokens": {t: MAX_TOKENS[t] for t in args.task_list},
             "configs": [dataclasses.asdict(c) for c in configs], "command": " ".join(["python -m benchmarks.speculative", *argv])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))

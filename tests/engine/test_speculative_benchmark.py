@@ -28,19 +28,19 @@ def test_speculative_benchmark_runs_each_configuration_and_every_one_is_lossless
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.speculative", "--target", str(tiny_model), "--draft", str(draft),
          "--tasks", "text", "--ks", "1", "--adaptive-k", "2", "--configs", "k1,adaptive",
-         "--batch1-prompts", "1", "--batch-size", "3", "--repeats", "1", "--out", str(out)],
+         "--batch1-prompts", "1", "--batch-sizes", "3", "--mixed", "3", "--repeats", "1", "--out", str(out)],
         cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["config"], r["batch"]) for r in rows) == sorted(
-        (c, b) for c in ("none", "k1", "adaptive") for b in ("1", "3"))
+    assert sorted((r["config"], r["task"], r["batch"]) for r in rows) == sorted(
+        (c, t, b) for c in ("none", "k1", "adaptive") for t, b in (("text", "1"), ("text", "3"), ("mixed", "3")))
     for row in rows:
         assert float(row["identical"]) == 1.0, row  # greedy: every method is lossless
         for column in ("tokens_per_s", "speedup", "accepted_length", "target_passes_per_token"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0, row
-    by = {(r["config"], r["batch"]): r for r in rows}
+    by = {(r["config"], r["batch"]): r for r in rows if r["task"] == "text"}
     assert float(by[("none", "1")]["accepted_length"]) == 1.0
     assert float(by[("none", "1")]["draft_passes_per_token"]) == 0.0
     # vLLM's fixed K = 1 runs one draft pass per engine step

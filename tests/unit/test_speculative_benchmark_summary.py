@@ -81,3 +81,30 @@ def test_bad_arguments_are_refused(argv: list[str], message: str, capsys: pytest
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_workloads_per_batch_size_and_a_mixed_batch() -> None:
+    from transformers import AutoTokenizer
+
+    from benchmarks.models import shipped
+    from benchmarks.speculative import build_workloads
+    from benchmarks.tasks.mixture import eval_examples
+
+    folder = str(shipped.verified("target"))
+    workloads = build_workloads(folder, ["arith"], 2, [3, 5], seed=7, mixed=7)
+    assert [(w["task"], w["batch"], len(w["prompts"])) for w in workloads] == [
+        ("arith", 1, 2), ("arith", 3, 3), ("arith", 5, 5), ("mixed", 7, 7)]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    arith = [tokenizer.encode(e.prompt) for e in eval_examples("arith", 7, 5)]
+    assert workloads[2]["prompts"] == arith and workloads[2]["max_tokens"] == 128
+    mixed = workloads[3]
+    assert mixed["max_tokens"] == [128, 64, 8, 128, 64, 8, 128]
+    text, recall = (eval_examples(t, 7, 3) for t in ("text", "recall"))
+    expected = [arith[0], text[0].prompt, recall[0].prompt, arith[1], text[1].prompt, recall[1].prompt, arith[2]]
+    assert mixed["prompts"] == [e if isinstance(e, list) else tokenizer.encode(e) for e in expected]
+
+
+def test_batch_sizes_parse_as_a_list() -> None:
+    assert parse_args(["--batch-sizes", "32,64"]).batch_size_list == [32, 64]
+    assert parse_args(["--batch-size", "16"]).batch_size_list == [16]
+    assert parse_args([]).batch_size_list == [32] and parse_args([]).mixed == 0
