@@ -1,0 +1,210 @@
+"""The engine-core half of KV compaction (issue #18): a vLLM scheduler that decides, before each
+step, which requests shrink to their budget, and gives their tail blocks back to the pool.
+
+vLLM 0.32 lets a deployment choose its scheduler class (`SchedulerConfig.scheduler_cls`), so this
+is a subclass, not a patch. A request keeps its logical length (token ids, positions,
+`num_computed_tokens`, stop checks); what shrinks is its physical length P, the tokens its blocks
+hold: P = num_computed_tokens - E, where E is how many tokens were evicted from it so far. Each
+step, before vLLM schedules:
+
+1. for every running request with a budget rule (`budget_rule_of`), once its prompt is in the
+   cache (after the last prompt chunk): its budget B is fixed from its physical length the first
+   time (`BudgetRule.budget`); it is compacted now if B < P after the prompt, or if P has grown to
+   B + buffer during decode (`BudgetRule.compact_after_prompt` / `compact_during_decode`);
+2. a compacted request keeps its first ceil(B / block_size) blocks and frees the rest; E grows by
+   P - B; the worker must move the B kept tokens (any per-layer, per-head selection) into the
+   first B slots in the same step, before any forward pass writes the freed blocks (the plan on
+   the SchedulerOutput, `KVPlan`);
+3. then vLLM's own `schedule()` runs, and allocates on the physical length: during
+   `KVCacheManager.allocate_slots` a compacted request's `num_computed_tokens` is lowered by E
+   (that method reads it once, at the start: tests/contract/test_kv_compaction_facts.py) and
+   restored after. The freed blocks are free for every request of this very step.
+
+Requests with a budget rule never read from or write to the prefix cache (their blocks are
+private and writable in place: `skip_reading_prefix_cache` at admission, `delay_cache_blocks` at
+every allocation). Preemption frees a request's blocks and zeroes its `num_computed_tokens`; its
+eviction state is dropped with them (`_free_request_blocks`), so it is recomputed at full length
+and compacted again from scratch; a request preempted in the step that compacted it is taken out
+of that step's plan. A request whose kept blocks are not writable (shared) is not compacted and is
+counted as refused; nothing is freed for it.
+
+Not here yet (docs/dev/kv_compaction.md): the worker half (the plan's execution, block-table
+truncation, seq_lens and slot mapping from the physical length), the config section and
+per-request keys that give requests their rule, the start-up refusals, and the entropy budget
+rule, which needs the worker's attention scores (only `fixed` and `ratio` decide here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from vllm_adaptive.kvcache.budget import BudgetRule
+
+# The attribute of SchedulerOutput that carries the step's plan to the workers (SchedulerOutput
+# is a non-slots dataclass that pickles extra attributes: tests/contract/test_kv_compaction_facts.py).
+PLAN_ATTRIBUTE = "adaptive_kv"
+# Budget rules the scheduler can decide from lengths alone.
+SCHEDULER_RULES = ("fixed", "ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compaction:
+    """One request compacted this step: it held `physical` tokens and keeps `keep`."""
+
+    physical: int
+    keep: int
+
+    @property
+    def evicted(self) -> int:
+        return self.physical - self.keep
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    """What the workers do this step: compact these requests (before any forward pass), and the
+    eviction offset E of every compacted request still in the scheduler (physical = logical - E)."""
+
+    step: int
+    compact: dict[str, Compaction]
+    evicted: dict[str, int]
+
+
+@dataclasses.dataclass
+class CompactionCounters:
+    compactions: int = 0
+    tokens_evicted: int = 0
+    blocks_freed: int = 0
+    refused: int = 0  # compactions not done: a kept block was not writable
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class CompactingScheduler(Scheduler):
+    """vLLM's scheduler, plus the compaction pre-pass of the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv_evicted: dict[str, int] = {}  # E per request (only requests compacted at least once)
+        self.kv_budgets: dict[str, int] = {}  # B per request, fixed at its first eligible step
+        self.kv_counters = CompactionCounters()
+        self._kv_rules: dict[str, BudgetRule | None] = {}
+        manager = self.kv_cache_manager
+        manager.allocate_slots = functools.partial(_allocate_on_physical_length, self, manager.allocate_slots)
+
+    # --- which requests, and their rule ---------------------------------------------------------
+
+    def budget_rule_of(self, request: Request) -> BudgetRule | None:
+        """The request's budget rule, or None when it is not compacted (the default: every
+        request is served as by vLLM's own scheduler)."""
+        return None
+
+    def _rule(self, request: Request) -> BudgetRule | None:
+        rid = request.request_id
+        if rid not in self._kv_rules:
+            rule = self.budget_rule_of(request)
+            if rule is not None and rule.rule not in SCHEDULER_RULES:
+                raise ValueError(f"budget rule {rule.rule!r} cannot be decided by the scheduler; "
+                                 f"use one of {list(SCHEDULER_RULES)}")
+            self._kv_rules[rid] = rule
+        return self._kv_rules[rid]
+
+    def add_request(self, request: Request) -> None:
+        if self._rule(request) is not None:
+            # Its blocks are rewritten in place: it must never share one with another request.
+            request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        compact = self._compact_running()
+        output = super().schedule(throttle_prefills)
+        for rid in output.preempted_req_ids or ():
+            compact.pop(rid, None)  # its blocks are gone: nothing to move
+        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted)))
+        return output
+
+    def _compact_running(self) -> dict[str, Compaction]:
+        plan: dict[str, Compaction] = {}
+        for request in self.running:
+            rule = self._rule(request)
+            if rule is None:
+                continue
+            # Eligible once the prompt (and, after a preemption, the replayed output) is cached.
+            if request.num_computed_tokens < max(request.num_prompt_tokens, request.num_tokens - 1):
+                continue
+            rid = request.request_id
+            evicted = self.kv_evicted.get(rid, 0)
+            physical = request.num_computed_tokens - evicted
+            budget = self.kv_budgets.get(rid)
+            if budget is None:
+                budget = self.kv_budgets[rid] = rule.budget(physical)
+                due = rule.compact_after_prompt(physical, budget)
+            else:
+                due = rule.compact_during_decode(physical, budget)
+            if not due:
+                continue
+            freed = self._free_tail(request, budget)
+            if freed is None:
+                self.kv_counters.refused += 1
+                continue
+            self.kv_evicted[rid] = evicted + physical - budget
+            plan[rid] = Compaction(physical, budget)
+            counters = self.kv_counters
+            counters.compactions += 1
+            counters.tokens_evicted += physical - budget
+            counters.blocks_freed += freed
+        return plan
+
+    def _free_tail(self, request: Request, keep: int) -> int | None:
+        """Free the request's blocks past the first ceil(keep / block_size) of every KV cache
+        group; the number freed, or None (and nothing freed) when a kept block is shared."""
+        pool = self.kv_cache_manager.block_pool
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        owned = [m.req_to_blocks[request.request_id] for m in managers]
+        kept = [blocks[: cdiv(keep, m.block_size)] for m, blocks in zip(managers, owned)]
+        if not all(pool.is_block_writable(b) for blocks in kept for b in blocks):
+            return None
+        freed = 0
+        for manager, blocks in zip(managers, owned):
+            first = cdiv(keep, manager.block_size)
+            tail = blocks[first:]
+            del blocks[first:]  # req_to_blocks lists are the manager's own (mutable in place)
+            pool.free_blocks(reversed(tail))  # the last block first: evicted first, as vLLM frees
+            freed += len(tail)
+        return freed
+
+    def _free_request_blocks(self, request: Request) -> None:
+        # Preempted or finished: every block goes back; so does the eviction state.
+        rid = request.request_id
+        self.kv_evicted.pop(rid, None)
+        self.kv_budgets.pop(rid, None)
+        if request.is_finished():
+            self._kv_rules.pop(rid, None)
+        super()._free_request_blocks(request)
+
+
+def _allocate_on_physical_length(
+    scheduler: CompactingScheduler, allocate: Callable[..., Any], request: Request, *args: Any, **kwargs: Any
+) -> Any:
+    """`KVCacheManager.allocate_slots` for `scheduler`: compacted requests allocate on their
+    physical length, and requests with a budget rule never cache their blocks."""
+    if scheduler._rule(request) is not None:
+        kwargs["delay_cache_blocks"] = True
+    evicted = scheduler.kv_evicted.get(request.request_id, 0)
+    if not evicted:
+        return allocate(request, *args, **kwargs)
+    request.num_computed_tokens -= evicted
+    try:
+        return allocate(request, *args, **kwargs)
+    finally:
+        request.num_computed_tokens += evicted
