@@ -199,4 +199,45 @@ PATCHES: tuple[PatchSpec, ...] = (
         ),
         contract_on_import=True,
     ),
+    PatchSpec(
+        name="kv-compaction-plan",
+        module="gpu_model_runner_update_states",
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states",
+        stage="general_plugin",
+        why=(
+            "KV compaction (issue #18) frees a request's tail blocks in the scheduler before vLLM "
+            "schedules; the kept tokens must be moved into the request's first slots, and its "
+            "block ids cut, before _update_states zeroes new blocks and appends block ids. vLLM "
+            "has no hook there."
+        ),
+        how=(
+            "Wrap the method on the class: vllm_adaptive.kvcache.worker.before_update_states runs "
+            "the plan the CompactingScheduler put on the SchedulerOutput (compaction in every layer, "
+            "block ids and block-table rows cut, offsets kept), then vLLM's method. Without a plan "
+            "the wrapper reads one attribute. Applied when vllm.v1.worker.gpu_model_runner is imported."
+        ),
+        upstream="vLLM #5751 (sparse KV cache RFC) and #3532 (H2O) are open; no eviction hook exists.",
+        removal="When vLLM's runner offers a KV eviction/compaction hook or a pre-update callback.",
+        contract_on_import=True,
+    ),
+    PatchSpec(
+        name="kv-compaction-offsets",
+        module="gpu_model_runner_prepare_inputs",
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs",
+        stage="general_plugin",
+        why=(
+            "A compacted request keeps its logical length (positions for RoPE) while its cache "
+            "holds E fewer tokens; _prepare_inputs sets sequence lengths and KV slots from the "
+            "logical length, with no hook in between."
+        ),
+        how=(
+            "Wrap the method on the class: after vLLM's, vllm_adaptive.kvcache.worker.after_prepare_inputs "
+            "lowers compacted rows' seq_lens and optimistic_seq_lens_cpu by E and recomputes the slot "
+            "mapping from positions - E with vLLM's compute_slot_mapping. Without compacted requests "
+            "the wrapper reads one attribute. Applied when vllm.v1.worker.gpu_model_runner is imported."
+        ),
+        upstream="none: vLLM's runner has no per-request KV offset.",
+        removal="When vLLM's runner takes per-request KV offsets, or offers a hook after the attention inputs.",
+        contract_on_import=True,
+    ),
 )

@@ -61,3 +61,11 @@ def test_triggers() -> None:
 def test_bad_rules_are_refused_naming_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BudgetRule(**{field: value})
+
+
+def test_target_is_the_budget_before_the_cap_at_the_length() -> None:
+    fixed = BudgetRule(rule="fixed", tokens=100, min_tokens=8, sinks=4, recent=4)
+    assert [fixed.target(n) for n in (30, 1000)] == [100, 100]
+    assert [fixed.budget(n) for n in (30, 1000)] == [30, 100]
+    ratio = BudgetRule(rule="ratio", ratio=0.25, min_tokens=40, sinks=4, recent=4)
+    assert [ratio.target(n) for n in (30, 1000)] == [40, 250]

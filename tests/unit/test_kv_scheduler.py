@@ -229,3 +229,36 @@ def test_rules_that_need_the_workers_scores_are_refused(tiny_model: Path) -> Non
     scheduler = make_scheduler(tiny_model, cls=Entropy)
     with pytest.raises(ValueError, match="'entropy' cannot be decided by the scheduler"):
         scheduler.add_request(request("c1", 100))
+
+
+def test_a_budget_above_the_prompt_compacts_only_once_the_request_grows_past_it(tiny_model: Path) -> None:
+    class Above(CompactingScheduler):
+        def budget_rule_of(self, request):  # noqa: ANN001, ANN201
+            return BudgetRule(rule="fixed", tokens=120, min_tokens=8, sinks=4, recent=4, buffer=16)
+
+    scheduler = make_scheduler(tiny_model, cls=Above)
+    scheduler.add_request(request("c1", 100))
+    step(scheduler)
+    compactions = []
+    for i in range(40):
+        plan = getattr(step(scheduler), PLAN_ATTRIBUTE)
+        if plan.compact:
+            compactions.append((i, plan.compact["c1"]))
+    # 100 + i tokens cached when step i begins: 136 = 120 + 16 at i = 36, back to 120 (not to 100).
+    assert compactions == [(36, Compaction(136, 120))]
+
+
+def test_extra_args_give_the_rule_and_bad_values_name_the_key() -> None:
+    from vllm_adaptive.kvcache.scheduler import rule_from_extra_args
+
+    assert rule_from_extra_args(None) is None and rule_from_extra_args({"ead": True}) is None
+    fixed = rule_from_extra_args({"kv_budget": 40, "kv_sinks": 2, "kv_buffer": 8})
+    assert (fixed.rule, fixed.tokens, fixed.sinks, fixed.buffer, fixed.min_tokens) == ("fixed", 40, 2, 8, 3)
+    ratio = rule_from_extra_args({"kv_budget": 0.25})
+    assert (ratio.rule, ratio.ratio, ratio.sinks, ratio.buffer) == ("ratio", 0.25, 4, 64)
+    for args, key in (({"kv_budget": 0}, "kv_budget"), ({"kv_budget": 1.5}, "kv_budget"),
+                      ({"kv_budget": True}, "kv_budget"), ({"kv_budget": "40"}, "kv_budget"),
+                      ({"kv_budget": 40, "kv_sinks": -1}, "kv_sinks"),
+                      ({"kv_budget": 40, "kv_buffer": 0}, "kv_buffer")):
+        with pytest.raises(ValueError, match=key):
+            rule_from_extra_args(args)

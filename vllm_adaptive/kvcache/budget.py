@@ -61,6 +61,12 @@ class BudgetRule:
     def budget(self, length: int, mass: torch.Tensor | None = None) -> int:
         """The tokens a request of `length` tokens keeps; `mass` [H, length] is the observation
         window's attention mass per KV head (needed by the entropy rule only)."""
+        return min(self.target(length, mass), length)
+
+    def target(self, length: int, mass: torch.Tensor | None = None) -> int:
+        """`budget` before it is capped at the length: what the request is compacted back to
+        during decode, once it holds target + buffer tokens (a fixed budget above the prompt's
+        length is only reached later, or never)."""
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         if self.rule == "fixed":
@@ -71,7 +77,7 @@ class BudgetRule:
             if mass is None:
                 raise ValueError("the entropy budget rule needs the observation window's attention mass")
             wanted = math.ceil(self.multiplier * float(effective_tokens(mass).max())) + self.sinks + self.recent
-        return min(max(wanted, self.min_tokens), length)
+        return max(wanted, self.min_tokens)
 
     def compact_after_prompt(self, length: int, budget: int) -> bool:
         """Whether a request whose prompt just finished (`length` tokens) is compacted now."""

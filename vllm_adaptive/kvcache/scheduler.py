@@ -9,8 +9,9 @@ step, before vLLM schedules:
 
 1. for every running request with a budget rule (`budget_rule_of`), once its prompt is in the
    cache (after the last prompt chunk): its budget B is fixed from its physical length the first
-   time (`BudgetRule.budget`); it is compacted now if B < P after the prompt, or if P has grown to
-   B + buffer during decode (`BudgetRule.compact_after_prompt` / `compact_during_decode`);
+   time (`BudgetRule.target`, not capped at the length); it is compacted now if B < P after the
+   prompt, or if P has grown to B + buffer during decode (`BudgetRule.compact_after_prompt` /
+   `compact_during_decode`);
 2. a compacted request keeps its first ceil(B / block_size) blocks and frees the rest; E grows by
    P - B; the worker must move the B kept tokens (any per-layer, per-head selection) into the
    first B slots in the same step, before any forward pass writes the freed blocks (the plan on
@@ -38,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -46,34 +48,12 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_adaptive.kvcache.budget import BudgetRule
+from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
 
-# The attribute of SchedulerOutput that carries the step's plan to the workers (SchedulerOutput
-# is a non-slots dataclass that pickles extra attributes: tests/contract/test_kv_compaction_facts.py).
-PLAN_ATTRIBUTE = "adaptive_kv"
+logger = logging.getLogger(__name__)
+
 # Budget rules the scheduler can decide from lengths alone.
 SCHEDULER_RULES = ("fixed", "ratio")
-
-
-@dataclasses.dataclass(frozen=True)
-class Compaction:
-    """One request compacted this step: it held `physical` tokens and keeps `keep`."""
-
-    physical: int
-    keep: int
-
-    @property
-    def evicted(self) -> int:
-        return self.physical - self.keep
-
-
-@dataclasses.dataclass(frozen=True)
-class KVPlan:
-    """What the workers do this step: compact these requests (before any forward pass), and the
-    eviction offset E of every compacted request still in the scheduler (physical = logical - E)."""
-
-    step: int
-    compact: dict[str, Compaction]
-    evicted: dict[str, int]
 
 
 @dataclasses.dataclass
@@ -103,14 +83,22 @@ class CompactingScheduler(Scheduler):
     # --- which requests, and their rule ---------------------------------------------------------
 
     def budget_rule_of(self, request: Request) -> BudgetRule | None:
-        """The request's budget rule, or None when it is not compacted (the default: every
-        request is served as by vLLM's own scheduler)."""
-        return None
+        """The request's budget rule from its `extra_args` (`rule_from_extra_args`), or None
+        when it asks for no compaction: it is then served as by vLLM's own scheduler."""
+        params = request.sampling_params
+        return rule_from_extra_args(params.extra_args if params is not None else None)
 
     def _rule(self, request: Request) -> BudgetRule | None:
         rid = request.request_id
         if rid not in self._kv_rules:
-            rule = self.budget_rule_of(request)
+            try:
+                rule = self.budget_rule_of(request)
+            except ValueError as e:
+                # Admission validates these keys once the config is wired; until then a bad
+                # value means no compaction for the request, never a failed step.
+                logger.warning("vllm-adaptive: request %s is not compacted: %s", rid, e)
+                self.kv_counters.refused += 1
+                rule = None
             if rule is not None and rule.rule not in SCHEDULER_RULES:
                 raise ValueError(f"budget rule {rule.rule!r} cannot be decided by the scheduler; "
                                  f"use one of {list(SCHEDULER_RULES)}")
@@ -147,7 +135,9 @@ class CompactingScheduler(Scheduler):
             physical = request.num_computed_tokens - evicted
             budget = self.kv_budgets.get(rid)
             if budget is None:
-                budget = self.kv_budgets[rid] = rule.budget(physical)
+                # Fixed from the prompt's length; not capped by it: a request whose budget is at
+                # or above its length is compacted only if it grows to budget + buffer.
+                budget = self.kv_budgets[rid] = rule.target(physical)
                 due = rule.compact_after_prompt(physical, budget)
             else:
                 due = rule.compact_during_decode(physical, budget)
@@ -158,7 +148,7 @@ class CompactingScheduler(Scheduler):
                 self.kv_counters.refused += 1
                 continue
             self.kv_evicted[rid] = evicted + physical - budget
-            plan[rid] = Compaction(physical, budget)
+            plan[rid] = Compaction(physical, budget, min(rule.sinks, budget))
             counters = self.kv_counters
             counters.compactions += 1
             counters.tokens_evicted += physical - budget
@@ -191,6 +181,31 @@ class CompactingScheduler(Scheduler):
         if request.is_finished():
             self._kv_rules.pop(rid, None)
         super()._free_request_blocks(request)
+
+
+def rule_from_extra_args(extra_args: Mapping[str, Any] | None) -> BudgetRule | None:
+    """The budget rule a request's `extra_args` (`vllm_xargs`) ask for, or None without
+    `kv_budget`. `kv_budget`: an int >= 1 keeps that many tokens (fixed), a float in (0, 1) that
+    share of the prompt (ratio); `kv_sinks` (default 4): first tokens always kept; `kv_buffer`
+    (default 64): decode tokens gathered before the next compaction. ValueError names the key."""
+    args = dict(extra_args or {})
+    if "kv_budget" not in args:
+        return None
+    budget, sinks, buffer = args["kv_budget"], args.get("kv_sinks", 4), args.get("kv_buffer", 64)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
+    for key, value, low in (("kv_sinks", sinks, 0), ("kv_buffer", buffer, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
+        rule = BudgetRule(rule="fixed", tokens=budget, min_tokens=sinks + 1, sinks=sinks, recent=1, buffer=buffer)
+    else:
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
+        rule = BudgetRule(rule="ratio", ratio=budget, min_tokens=sinks + 1, sinks=sinks, recent=1, buffer=buffer)
+    return rule
 
 
 def _allocate_on_physical_length(

@@ -1,0 +1,115 @@
+"""KV compaction (issue #18) in a real vLLM engine on CPU: the scheduler half
+(vllm_adaptive.kvcache.scheduler, as vLLM's `scheduler_cls`) and the worker half (the
+kv-compaction-plan and kv-compaction-offsets patches) on the tiny model.
+
+The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that its block pool
+and scheduler can be read. A small KV pool (12 blocks of 32 tokens) and 64 batched tokens per
+step make long prompts arrive in several chunks and make vLLM preempt requests; the scheduler
+records at which output length each request was preempted (tests/kv_schedulers.py), which the
+reference needs.
+
+References: tests/kv_reference.py, transformers' Llama decoding greedily one token at a time
+with its cache cut to the kept tokens (sinks + the most recent) at the moments the rule says,
+every new token at its true position; a preempted request is re-prefilled there, as vLLM
+recomputes it. Requests that do not ask for compaction: plain vLLM (no plugin loaded), in a
+subprocess with the same engine arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm import LLM, SamplingParams
+
+from kv_reference import compacted_greedy
+from kv_schedulers import RecordingScheduler
+from vllm_processes import plain_run
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 48
+SINKS, BUFFER, BUDGET = 4, 16, 40
+ENGINE = {"block_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20,
+          "num_gpu_blocks_override": 13, "max_num_batched_tokens": 64, "max_num_seqs": 8, "seed": 0}
+COMPACT = {"kv_budget": BUDGET, "kv_sinks": SINKS, "kv_buffer": BUFFER}
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [1 + (i * 7 + j * 3) % 500 for j in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Iterator[LLM]:
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core (scheduler, pool) here
+    try:
+        llm = LLM(str(tiny_model), scheduler_cls=RecordingScheduler, **ENGINE)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def scheduler_of(llm: LLM) -> RecordingScheduler:
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    assert isinstance(scheduler, RecordingScheduler)
+    return scheduler
+
+
+def generate(llm: LLM, prompts: list[list[int]], extras: list[dict[str, Any] | None]) -> tuple[list[list[int]], dict[str, list[int]]]:
+    """Greedy outputs, and the output lengths at which each request (by index) was preempted."""
+    scheduler = scheduler_of(llm)
+    scheduler.preempted_at.clear()
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=e) for e in extras]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    preempted = {}
+    for internal, lengths in scheduler.preempted_at.items():
+        index = next(i for i, o in enumerate(outputs) if internal.split("-")[0] == o.request_id)
+        preempted[index] = lengths
+    return [list(o.outputs[0].token_ids) for o in outputs], preempted
+
+
+def test_compacted_requests_decode_as_a_decoder_attending_to_the_kept_tokens(engine: LLM, tiny_model: Path) -> None:
+    """Two long requests without compaction and two compacted to 40 tokens, in one batch: every
+    prompt is chunked (64 tokens a step), and the pool of 12 blocks makes vLLM preempt."""
+    scheduler = scheduler_of(engine)
+    start = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    counters = scheduler.kv_counters
+    before = (counters.compactions, counters.blocks_freed)
+    prompts = [prompt(0, 120), prompt(1, 120), prompt(2, 100), prompt(3, 90)]
+    budgets = [None, None, BUDGET, BUDGET]
+    tokens, preempted = generate(engine, prompts, [None if b is None else COMPACT for b in budgets])
+    # The scenario does what it is for: a compacted request was preempted and recomputed.
+    assert any(i in preempted for i in (2, 3)), preempted
+    preempted_at = [preempted.get(i, []) for i in range(len(prompts))]
+    reference = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, preempted_at)
+    assert tokens == reference
+    # Compaction changed what the compacted requests wrote (else this test could not fail).
+    full = compacted_greedy(tiny_model, prompts, MAX_TOKENS, [None] * 4, SINKS, BUFFER)
+    assert tokens[2] != full[2] or tokens[3] != full[3]
+    assert tokens[:2] == full[:2]
+    # Blocks were freed, and every block came back once the requests finished.
+    assert counters.compactions > before[0] and counters.blocks_freed > before[1]
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == start
+    assert scheduler.kv_evicted == {} and scheduler.kv_budgets == {}
+
+
+def test_without_compaction_or_below_its_budget_the_engine_is_plain_vllm(
+    engine: LLM, tiny_model: Path, tmp_path: Path
+) -> None:
+    prompts = [prompt(4, 70), prompt(5, 100), prompt(6, 33)]
+    # Request 1 asks for compaction with a budget above its final length (100 + 48 < 200 + 16).
+    extras = [None, {"kv_budget": 200, "kv_sinks": SINKS, "kv_buffer": BUFFER}, None]
+    compactions = scheduler_of(engine).kv_counters.compactions
+    tokens, _ = generate(engine, prompts, extras)
+    assert scheduler_of(engine).kv_counters.compactions == compactions
+    plain = plain_run(tiny_model, {**ENGINE, "disable_log_stats": False}, tmp_path / "plain.json",
+                      prompts=[{"prompt_token_ids": p} for p in prompts], max_tokens=MAX_TOKENS)
+    assert tokens == plain["greedy"]

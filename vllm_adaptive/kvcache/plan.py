@@ -1,0 +1,52 @@
+"""What the scheduler half of KV compaction tells the workers each step (no vLLM imports: both
+the engine core and the workers read it).
+
+The scheduler (vllm_adaptive.kvcache.scheduler) attaches a `KVPlan` to vLLM's SchedulerOutput as
+the attribute PLAN_ATTRIBUTE; SchedulerOutput is a non-slots dataclass that pickles extra
+attributes to the workers (tests/contract/test_kv_compaction_facts.py). The workers
+(vllm_adaptive.kvcache.worker) move each compacted request's kept tokens into its first slots
+before anything else happens in the step, and shift the slots of every compacted request by its
+eviction offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PLAN_ATTRIBUTE = "adaptive_kv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Compaction:
+    """One request compacted this step: it held `physical` tokens and keeps `keep`, chosen per
+    layer and KV head by the selection: here the streaming one, the first `sinks` tokens and the
+    last keep - sinks."""
+
+    physical: int
+    keep: int
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= self.physical:
+            raise ValueError(f"keep must be in [1, physical={self.physical}], got {self.keep}")
+        if not 0 <= self.sinks <= self.keep:
+            raise ValueError(f"sinks must be in [0, keep={self.keep}], got {self.sinks}")
+
+    @property
+    def evicted(self) -> int:
+        return self.physical - self.keep
+
+    def kept_tokens(self) -> list[int]:
+        """The physical indices kept, ascending (streaming: sinks, then the most recent)."""
+        recent = self.keep - self.sinks
+        return [*range(self.sinks), *range(self.physical - recent, self.physical)]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    """This step's compactions (run before any forward pass), and the eviction offset E of every
+    compacted request still in the scheduler (its physical length = logical length - E)."""
+
+    step: int
+    compact: dict[str, Compaction]
+    evicted: dict[str, int]
