@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-from ._import_hook import OnImport
+from ._class_method import ClassMethodPatch, original_of
 
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 METHOD = "_prepare_inputs"
-_MARK = "__vllm_adaptive_original__"
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,41 +39,7 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         after_prepare_inputs(self, scheduler_output)
         return result
 
-    setattr(_prepare_inputs, _MARK, original)
     return _prepare_inputs
-
-
-def rebind(module: ModuleType) -> None:
-    """Wrap the method once, if the contract holds; never raises (it runs inside vLLM's import)."""
-    from vllm_adaptive.patches import PATCHES, record_failure
-
-    spec = next(s for s in PATCHES if s.module == __name__.rsplit(".", 1)[-1])
-    try:
-        runner = module.GPUModelRunner
-        current = vars(runner)[METHOD]
-        if hasattr(current, _MARK):
-            return
-        check_contract()
-        setattr(runner, METHOD, _wrap(current))
-    except Exception as e:  # noqa: BLE001 - never into vLLM's import
-        record_failure(spec, e)
-
-
-_hook = OnImport(RUNNER_MODULE, rebind)
-
-
-def apply() -> None:
-    _hook.install()
-
-
-def revert() -> None:
-    _hook.uninstall()
-    module = sys.modules.get(RUNNER_MODULE)
-    runner = getattr(module, "GPUModelRunner", None) if module is not None else None
-    current = vars(runner).get(METHOD) if runner is not None else None
-    original = getattr(current, _MARK, None)
-    if original is not None:
-        setattr(runner, METHOD, original)
 
 
 def check_contract() -> None:
@@ -93,7 +56,7 @@ def check_contract() -> None:
     runner = module.GPUModelRunner
     current = vars(runner).get(METHOD)
     require(current is not None, f"GPUModelRunner has no {METHOD} any more")
-    original = getattr(current, _MARK, current)
+    original = original_of(current)
     params = list(inspect.signature(original).parameters)
     require(params[:2] == ["self", "scheduler_output"], f"GPUModelRunner.{METHOD} parameters changed: {params}")
     source = inspect.getsource(original)
@@ -110,3 +73,7 @@ def check_contract() -> None:
             and "seq_lens=self.seq_lens[:num_reqs_padded]" in build,
             "GPUModelRunner._build_attention_metadata no longer takes seq_lens and max_seq_len "
             "from the buffers _prepare_inputs fills")
+
+
+_patch = ClassMethodPatch(RUNNER_MODULE, "GPUModelRunner", METHOD, _wrap, lambda: check_contract(), __name__)
+rebind, apply, revert = _patch.rebind, _patch.apply, _patch.revert
