@@ -29,10 +29,12 @@ DESCRIPTION = (
 
 
 def _choices() -> dict[tuple[str, str], list[str]]:
+    from vllm_adaptive.kvcache import config as kvcache
     from vllm_adaptive.routing import config as routing
     from vllm_adaptive.speculative import config as speculative
 
     return {
+        ("kvcache", "policy"): list(kvcache.KV_POLICIES),
         ("routing", "mode"): list(routing.ROUTING_MODES),
         ("speculative", "stop_rule"): list(speculative.STOP_RULES),
         ("speculative", "confidence"): list(speculative.CONFIDENCES),

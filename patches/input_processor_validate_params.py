@@ -14,6 +14,10 @@ naming the parameter, where the deployment does not serve EAD, where a value is 
 sampling options (the draft sampler uses the temperature only:
 vllm/v1/spec_decode/llm_base_proposer.py, compute_probs_and_sample_next_token), since the
 small model's tokens are accepted unverified.
+
+And KV compaction's keys (`kv_budget`, `kv_policy`, `kv_sinks`, `kv_buffer`): refused, naming the
+parameter, where the deployment does not compact (kvcache.enabled false, or the plugin off) and
+where a value is bad (vllm_adaptive.kvcache.params).
 """
 
 from __future__ import annotations
@@ -123,6 +127,35 @@ def refuse_unservable_routing(processor: Any, params: Any) -> None:
                 f"{ENABLE_KEY}: false.")
 
 
+def refuse_unservable_kv(processor: Any, params: Any) -> None:
+    """Raise VLLMValidationError (HTTP 400, naming the parameter) if `params` sends a KV
+    compaction key (kv_budget, ...) that this deployment cannot serve or that has a bad value."""
+    from vllm import SamplingParams
+
+    from vllm_adaptive.config import ADDITIONAL_CONFIG_KEY
+    from vllm_adaptive.kvcache.params import parse_request, sent_kv_keys
+    from vllm_adaptive.sampling.param_spec import SamplerParamError
+
+    if not isinstance(params, SamplingParams):
+        return
+    extra = params.extra_args or {}
+    sent = sent_kv_keys(extra)
+    if not sent:
+        return
+    vllm_config = processor.vllm_config
+    adaptive = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
+    kvcache = _config_of(adaptive).kvcache if adaptive is not None else None
+    if kvcache is None or not kvcache.enabled:
+        key = sent[0]
+        _refuse(key, extra[key], f"{key}={extra[key]!r} cannot be served here: this deployment does not "
+                "compact KV caches (kvcache.enabled is false in its --adaptive-config, or the plugin is "
+                "off). Send the request without the kv_* keys, or use a deployment with kvcache.enabled: true.")
+    try:
+        parse_request(extra, kvcache)
+    except SamplerParamError as e:
+        _refuse(e.parameter, e.value, str(e))
+
+
 def _refuse(parameter: str, value: Any, message: str) -> NoReturn:
     from vllm.exceptions import VLLMValidationError
 
@@ -199,6 +232,7 @@ def apply() -> None:
         result = original(self, params, *args, **kwargs)
         refuse_samplers_under_speculation(self, params)
         refuse_unservable_routing(self, params)
+        refuse_unservable_kv(self, params)
         return result
 
     setattr(_validate_params, _MARK, original)

@@ -40,9 +40,13 @@ def check_adaptive_xargs(value: Any) -> Any:
     from vllm_adaptive.sampling.param_spec import SamplerParamError, shown
     from vllm_adaptive.sampling.params import parse_sampler_request
 
+    from vllm_adaptive.kvcache.config import KVCompactionConfig
+    from vllm_adaptive.kvcache.params import parse_request as parse_kv_request
+
     if isinstance(value, Mapping):
         try:
             parse_sampler_request(value)
+            parse_kv_request(value, KVCompactionConfig())  # the values as sent; defaults are admission's
         except SamplerParamError as e:
             metrics.count_rejected(e.parameter)
             raise VLLMValidationError(str(e), parameter=e.parameter, value=shown(e.value)) from None

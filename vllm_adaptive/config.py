@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vllm_adaptive.errors import ConfigError
+from vllm_adaptive.kvcache.config import KVCompactionConfig
 from vllm_adaptive.routing.config import RoutingConfig
 from vllm_adaptive.sampling.param_spec import as_number, shown
 from vllm_adaptive.sampling.registry import PARAMS_BY_KEY
@@ -75,8 +76,16 @@ class AdaptiveConfig:
     speculative: AdaptiveDraftConfig = dataclasses.field(default_factory=AdaptiveDraftConfig)
     # Entropy Adaptive Decoding on draft-model speculation (vllm_adaptive.routing).
     routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+    # KV-cache compaction in vLLM's paged cache (vllm_adaptive.kvcache).
+    kvcache: KVCompactionConfig = dataclasses.field(default_factory=KVCompactionConfig)
 
     def __post_init__(self) -> None:
+        if self.kvcache.enabled and (self.routing.enabled or self.speculative.enabled):
+            raise ConfigError(
+                "kvcache.enabled cannot be true together with "
+                f"{'routing.enabled' if self.routing.enabled else 'speculative.enabled'}: KV "
+                "compaction does not run with speculative decoding yet; set one of them to false"
+            )
         # EAD v1 runs on vLLM's fixed-K proposer path: every request drafts K tokens and the
         # routing decides which of them are accepted unverified; adaptive draft length would
         # stop drafts on its own rules underneath it. The two are not combined yet.

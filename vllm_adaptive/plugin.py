@@ -113,7 +113,8 @@ def engine_kwargs(
     global _frontend_config
     adaptive = load_config(config)
     # EAD (routing) runs in the same proposer patch as adaptive drafting.
-    check_available(speculative=adaptive.speculative.enabled or adaptive.routing.enabled)
+    check_available(speculative=adaptive.speculative.enabled or adaptive.routing.enabled
+                    or adaptive.kvcache.enabled)
     merged_additional = dict(additional_config or {})
     merged_additional[ADDITIONAL_CONFIG_KEY] = adaptive.to_dict()
     processors = list(logits_processors or [])
@@ -131,6 +132,11 @@ def engine_kwargs(
         settings = check_routing(adaptive.routing, speculative_config, other)
         speculative_config = settings.pop("speculative_config")
         other.update(settings)
+    if adaptive.kvcache.enabled:
+        from vllm_adaptive.kvcache.compatibility import check_engine_arguments as check_kvcache
+
+        # Raises ConfigError naming every setting KV compaction cannot run with.
+        other.update(check_kvcache(speculative_config, other))
     if speculative_config:
         # vLLM's V1 runner refuses custom logits processors under speculative decoding.
         # Requests that name a sampler are refused at admission (patch spec-decode-admission).

@@ -44,6 +44,7 @@ FLUSH_SECONDS = 0.5
 SPECULATIVE = "speculative"
 SAMPLER = "sampler"
 ROUTING = "routing"
+KVCACHE = "kvcache"  # written by the engine core's compacting scheduler, not a worker
 
 _lock = threading.Lock()
 _served_dir: Path | None = None
@@ -365,6 +366,37 @@ def _stint_histogram(counters: list[dict[str, Any]]) -> Any:
     )
 
 
+def kvcache_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
+    """Prometheus metric families for KV compaction (vllm_adaptive.kvcache.scheduler
+    CompactingScheduler.kv_snapshot, summed over engine cores). Nothing before one has started."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not snapshots:
+        return
+
+    def total(key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in snapshots)
+
+    for name, key, documentation in (
+        ("kv_requests", "requests", "Requests that asked for KV compaction (kv_budget)."),
+        ("kv_compactions", "compactions", "Compactions run (after a prompt, or at budget + buffer during decode)."),
+        ("kv_tokens_evicted", "tokens_evicted", "Tokens evicted from compacted requests' caches."),
+        ("kv_blocks_freed", "blocks_freed", "KV cache blocks given back to vLLM's pool by compactions."),
+        ("kv_refused", "refused", "Compactions not run: a kept block was shared, or the request's kv_* "
+                                  "values reached the engine unchecked (served without compaction)."),
+    ):
+        family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
+        family.add_metric([], total(key))
+        yield family
+    held, kept = total("tokens_held"), total("tokens_kept")
+    if kept:
+        ratio = GaugeMetricFamily(
+            "vllm_adaptive:kv_compression_ratio",
+            "Tokens held before compaction / tokens kept, over every compaction since start.")
+        ratio.add_metric([], held / kept)
+        yield ratio
+
+
 class WorkerMetricsCollector:
     """A prometheus_client collector over the snapshot folder (reads it at every scrape)."""
 
@@ -373,7 +405,7 @@ class WorkerMetricsCollector:
 
     def collect(self) -> Iterator[Any]:
         for kind, families in ((SPECULATIVE, speculative_families), (SAMPLER, sampler_families),
-                               (ROUTING, routing_families)):
+                               (ROUTING, routing_families), (KVCACHE, kvcache_families)):
             try:
                 yield from families(read_snapshots(self.directory, kind))
             except Exception:

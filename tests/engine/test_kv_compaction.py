@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from vllm import LLM, SamplingParams
 
+import vllm_adaptive
 from kv_reference import compacted_greedy
 from kv_schedulers import RecordingScheduler
 from vllm_processes import plain_run
@@ -47,7 +48,11 @@ def engine(tiny_model: Path) -> Iterator[LLM]:
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core (scheduler, pool) here
     try:
-        llm = LLM(str(tiny_model), scheduler_cls=RecordingScheduler, **ENGINE)
+        # As a deployment turns it on (kvcache.enabled), with the recording subclass of the
+        # scheduler that section selects.
+        kwargs = vllm_adaptive.engine_kwargs({"kvcache": {"enabled": True}}, **ENGINE)
+        assert kwargs["scheduler_cls"] == "vllm_adaptive.kvcache.scheduler.CompactingScheduler"
+        llm = LLM(str(tiny_model), **{**kwargs, "scheduler_cls": RecordingScheduler})
     finally:
         if previous is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -97,6 +102,8 @@ def test_compacted_requests_decode_as_a_decoder_attending_to_the_kept_tokens(eng
     assert tokens[:2] == full[:2]
     # Blocks were freed, and every block came back once the requests finished.
     assert counters.compactions > before[0] and counters.blocks_freed > before[1]
+    assert counters.tokens_held - counters.tokens_kept == counters.tokens_evicted
+    assert scheduler.kv_snapshot()["requests"] >= 2
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == start
     assert scheduler.kv_evicted == {} and scheduler.kv_budgets == {}
 
@@ -113,3 +120,17 @@ def test_without_compaction_or_below_its_budget_the_engine_is_plain_vllm(
     plain = plain_run(tiny_model, {**ENGINE, "disable_log_stats": False}, tmp_path / "plain.json",
                       prompts=[{"prompt_token_ids": p} for p in prompts], max_tokens=MAX_TOKENS)
     assert tokens == plain["greedy"]
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"kv_budget": 0}, "kv_budget"),
+    ({"kv_budget": 40, "kv_sinks": -1}, "kv_sinks"),
+    ({"kv_buffer": 8}, "kv_buffer"),
+])
+def test_bad_values_are_refused_at_admission_naming_the_key(engine: LLM, extra: dict[str, Any], key: str) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError) as raised:
+        engine.generate([{"prompt_token_ids": prompt(7, 40)}],
+                        SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
+    assert raised.value.parameter == key and key in str(raised.value)

@@ -36,7 +36,7 @@ def test_unknown_key_is_named_with_the_allowed_keys() -> None:
 
 
 def test_unknown_section_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'samplers'.*\['metrics', 'routing', 'sampling', 'speculative'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'samplers'.*\['kvcache', 'metrics', 'routing', 'sampling', 'speculative'\]"):
         AdaptiveConfig.from_dict({"samplers": {}})
 
 

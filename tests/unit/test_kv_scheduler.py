@@ -248,17 +248,32 @@ def test_a_budget_above_the_prompt_compacts_only_once_the_request_grows_past_it(
     assert compactions == [(36, Compaction(136, 120))]
 
 
-def test_extra_args_give_the_rule_and_bad_values_name_the_key() -> None:
-    from vllm_adaptive.kvcache.scheduler import rule_from_extra_args
+def test_an_engine_with_settings_compaction_cannot_run_with_stops_at_start_up(tiny_model: Path) -> None:
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
 
-    assert rule_from_extra_args(None) is None and rule_from_extra_args({"ead": True}) is None
-    fixed = rule_from_extra_args({"kv_budget": 40, "kv_sinks": 2, "kv_buffer": 8})
-    assert (fixed.rule, fixed.tokens, fixed.sinks, fixed.buffer, fixed.min_tokens) == ("fixed", 40, 2, 8, 3)
-    ratio = rule_from_extra_args({"kv_budget": 0.25})
-    assert (ratio.rule, ratio.ratio, ratio.sinks, ratio.buffer) == ("ratio", 0.25, 4, 64)
-    for args, key in (({"kv_budget": 0}, "kv_budget"), ({"kv_budget": 1.5}, "kv_budget"),
-                      ({"kv_budget": True}, "kv_budget"), ({"kv_budget": "40"}, "kv_budget"),
-                      ({"kv_budget": 40, "kv_sinks": -1}, "kv_sinks"),
-                      ({"kv_budget": 40, "kv_buffer": 0}, "kv_buffer")):
-        with pytest.raises(ValueError, match=key):
-            rule_from_extra_args(args)
+    from vllm_adaptive.errors import ConfigError
+
+    model_config = ModelConfig(model=str(tiny_model), dtype="float32", max_model_len=1024, seed=0)
+    scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=1024,
+                                       is_encoder_decoder=False)
+    cache_config = CacheConfig(block_size=BLOCK, cache_dtype="fp8")
+    cache_config.num_gpu_blocks = 40
+    config = VllmConfig(model_config=model_config, scheduler_config=scheduler_config, cache_config=cache_config)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.float32)
+    kv_config = KVCacheConfig(num_blocks=40, kv_cache_tensors=[],
+                              kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    with pytest.raises(ConfigError, match="kvcache.enabled cannot run with these settings: kv_cache_dtype is 'fp8'"):
+        CompactingScheduler(config, kv_config, StructuredOutputManager(config), block_size=BLOCK)
+
+
+def test_a_cpu_attention_kernel_of_unknown_layout_stops_start_up(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
+    from vllm_adaptive.errors import ConfigError
+
+    assert cpu_attn._get_attn_isa(torch.float32, 32, 32, "auto") in ("vec", "vec16")  # this machine
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *args: "amx")
+    with pytest.raises(ConfigError, match="the CPU attention kernel is 'amx'"):
+        make_scheduler(tiny_model)

@@ -256,3 +256,25 @@ def test_a_routing_policys_snapshot_gives_every_ead_family_and_stage(tmp_path: P
         "vllm_adaptive:ead_draft_passes_total", "vllm_adaptive:ead_positions_total",
         "vllm_adaptive:ead_bonus_dropped_total", "vllm_adaptive:ead_plan_mismatches_total",
         "vllm_adaptive:ead_failures_total"}
+
+
+def test_kv_compaction_figures_of_two_engine_cores_are_summed(tmp_path: Path) -> None:
+    from vllm_adaptive.worker_metrics import KVCACHE
+
+    first = {"requests": 3, "compactions": 4, "tokens_held": 400, "tokens_kept": 100, "tokens_evicted": 300,
+             "blocks_freed": 9, "refused": 1}
+    second = {"requests": 1, "compactions": 1, "tokens_held": 100, "tokens_kept": 60, "tokens_evicted": 40,
+              "blocks_freed": 1, "refused": 0}
+    for pid, payload in ((1, first), (2, second)):
+        (tmp_path / f"{KVCACHE}-{pid}.json").write_text(json.dumps(payload))
+    figures = scrape(tmp_path)
+    assert figures["vllm_adaptive:kv_requests_total{}"] == 4
+    assert figures["vllm_adaptive:kv_compactions_total{}"] == 5
+    assert figures["vllm_adaptive:kv_tokens_evicted_total{}"] == 340
+    assert figures["vllm_adaptive:kv_blocks_freed_total{}"] == 10
+    assert figures["vllm_adaptive:kv_refused_total{}"] == 1
+    assert figures["vllm_adaptive:kv_compression_ratio{}"] == pytest.approx(500 / 160)
+
+
+def test_no_kv_snapshot_means_no_kv_metrics(tmp_path: Path) -> None:
+    assert not any(name.startswith("vllm_adaptive:kv_") for name in scrape(tmp_path))

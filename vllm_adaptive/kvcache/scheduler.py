@@ -29,10 +29,11 @@ and compacted again from scratch; a request preempted in the step that compacted
 of that step's plan. A request whose kept blocks are not writable (shared) is not compacted and is
 counted as refused; nothing is freed for it.
 
-Not here yet (docs/dev/kv_compaction.md): the worker half (the plan's execution, block-table
-truncation, seq_lens and slot mapping from the physical length), the config section and
-per-request keys that give requests their rule, the start-up refusals, and the entropy budget
-rule, which needs the worker's attention scores (only `fixed` and `ratio` decide here).
+The deployment turns it on with `kvcache.enabled` (vllm_adaptive.kvcache.config, which sets
+this class as `scheduler_cls`); requests opt in with `kv_budget` (vllm_adaptive.kvcache.params).
+Settings it cannot run with stop the engine at start-up (vllm_adaptive.kvcache.compatibility).
+Not here yet (docs/dev/kv_compaction.md): the entropy budget rule, which needs the worker's
+attention scores (only `fixed` and `ratio` decide here), and the scored selections.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -48,7 +49,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_adaptive.kvcache.budget import BudgetRule
+from vllm_adaptive.kvcache.config import KVCompactionConfig
+from vllm_adaptive.kvcache.params import parse_request
 from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
+from vllm_adaptive.worker_metrics import KVCACHE, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +62,13 @@ SCHEDULER_RULES = ("fixed", "ratio")
 
 @dataclasses.dataclass
 class CompactionCounters:
+    requests: int = 0  # requests with a budget rule
     compactions: int = 0
+    tokens_held: int = 0  # physical tokens of compacted requests before their compaction
+    tokens_kept: int = 0
     tokens_evicted: int = 0
     blocks_freed: int = 0
-    refused: int = 0  # compactions not done: a kept block was not writable
+    refused: int = 0  # a kept block was not writable, or the request's kv_* values were bad
 
 
 def cdiv(a: int, b: int) -> int:
@@ -73,20 +80,29 @@ class CompactingScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        from vllm_adaptive.config import AdaptiveConfig
+        from vllm_adaptive.kvcache.compatibility import check_vllm_config
+
+        check_vllm_config(self.vllm_config, self.kv_cache_config)
+        adaptive = AdaptiveConfig.from_vllm_config(self.vllm_config)
+        # The deployment's defaults for requests' kv_* keys (without the plugin's config: the
+        # section's defaults; requests still opt in one by one).
+        self.kv_config = adaptive.kvcache if adaptive is not None else KVCompactionConfig()
         self.kv_evicted: dict[str, int] = {}  # E per request (only requests compacted at least once)
         self.kv_budgets: dict[str, int] = {}  # B per request, fixed at its first eligible step
         self.kv_counters = CompactionCounters()
         self._kv_rules: dict[str, BudgetRule | None] = {}
+        self._kv_publisher = SnapshotPublisher.from_environment(KVCACHE, self.kv_snapshot)
         manager = self.kv_cache_manager
         manager.allocate_slots = functools.partial(_allocate_on_physical_length, self, manager.allocate_slots)
 
     # --- which requests, and their rule ---------------------------------------------------------
 
     def budget_rule_of(self, request: Request) -> BudgetRule | None:
-        """The request's budget rule from its `extra_args` (`rule_from_extra_args`), or None
-        when it asks for no compaction: it is then served as by vLLM's own scheduler."""
+        """The request's budget rule from its `extra_args` (vllm_adaptive.kvcache.params), or
+        None when it asks for no compaction: it is then served as by vLLM's own scheduler."""
         params = request.sampling_params
-        return rule_from_extra_args(params.extra_args if params is not None else None)
+        return parse_request(params.extra_args if params is not None else None, self.kv_config)
 
     def _rule(self, request: Request) -> BudgetRule | None:
         rid = request.request_id
@@ -94,8 +110,8 @@ class CompactingScheduler(Scheduler):
             try:
                 rule = self.budget_rule_of(request)
             except ValueError as e:
-                # Admission validates these keys once the config is wired; until then a bad
-                # value means no compaction for the request, never a failed step.
+                # Admission refuses bad values (HTTP 400); a request that reached the engine
+                # another way is served without compaction, never a failed step.
                 logger.warning("vllm-adaptive: request %s is not compacted: %s", rid, e)
                 self.kv_counters.refused += 1
                 rule = None
@@ -103,7 +119,18 @@ class CompactingScheduler(Scheduler):
                 raise ValueError(f"budget rule {rule.rule!r} cannot be decided by the scheduler; "
                                  f"use one of {list(SCHEDULER_RULES)}")
             self._kv_rules[rid] = rule
+            if rule is not None:
+                self.kv_counters.requests += 1
+            self._kv_changed()
         return self._kv_rules[rid]
+
+    def kv_snapshot(self) -> dict[str, int]:
+        """The compaction counters (plain ints), for /metrics and vllm_adaptive.introspection."""
+        return dataclasses.asdict(self.kv_counters)
+
+    def _kv_changed(self) -> None:
+        if self._kv_publisher is not None:
+            self._kv_publisher.touch()
 
     def add_request(self, request: Request) -> None:
         if self._rule(request) is not None:
@@ -151,8 +178,12 @@ class CompactingScheduler(Scheduler):
             plan[rid] = Compaction(physical, budget, min(rule.sinks, budget))
             counters = self.kv_counters
             counters.compactions += 1
+            counters.tokens_held += physical
+            counters.tokens_kept += budget
             counters.tokens_evicted += physical - budget
             counters.blocks_freed += freed
+        if plan or self.kv_counters.refused:
+            self._kv_changed()
         return plan
 
     def _free_tail(self, request: Request, keep: int) -> int | None:
@@ -181,31 +212,6 @@ class CompactingScheduler(Scheduler):
         if request.is_finished():
             self._kv_rules.pop(rid, None)
         super()._free_request_blocks(request)
-
-
-def rule_from_extra_args(extra_args: Mapping[str, Any] | None) -> BudgetRule | None:
-    """The budget rule a request's `extra_args` (`vllm_xargs`) ask for, or None without
-    `kv_budget`. `kv_budget`: an int >= 1 keeps that many tokens (fixed), a float in (0, 1) that
-    share of the prompt (ratio); `kv_sinks` (default 4): first tokens always kept; `kv_buffer`
-    (default 64): decode tokens gathered before the next compaction. ValueError names the key."""
-    args = dict(extra_args or {})
-    if "kv_budget" not in args:
-        return None
-    budget, sinks, buffer = args["kv_budget"], args.get("kv_sinks", 4), args.get("kv_buffer", 64)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
-    for key, value, low in (("kv_sinks", sinks, 0), ("kv_buffer", buffer, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-    if isinstance(budget, int):
-        if budget < 1:
-            raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
-        rule = BudgetRule(rule="fixed", tokens=budget, min_tokens=sinks + 1, sinks=sinks, recent=1, buffer=buffer)
-    else:
-        if not 0.0 < budget < 1.0:
-            raise ValueError(f"kv_budget must be an int >= 1 (tokens) or a float in (0, 1) (share), got {budget!r}")
-        rule = BudgetRule(rule="ratio", ratio=budget, min_tokens=sinks + 1, sinks=sinks, recent=1, buffer=buffer)
-    return rule
 
 
 def _allocate_on_physical_length(

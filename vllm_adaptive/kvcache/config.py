@@ -1,0 +1,42 @@
+"""The `kvcache:` section of `AdaptiveConfig`: KV-cache compaction (issue #18).
+
+With `enabled: true` the engine runs vllm_adaptive.kvcache.scheduler.CompactingScheduler (vLLM's
+`scheduler_cls`) and the worker half (patches kv-compaction-plan and kv-compaction-offsets);
+requests opt in with `kv_budget` in `vllm_xargs` (vllm_adaptive.kvcache.params), the other knobs
+default to this section. Each bad value raises a `ConfigError` that starts with the field name
+(`config._build` prefixes the section). It imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vllm_adaptive.errors import ConfigError
+from vllm_adaptive.sampling.param_spec import shown
+
+# The selections the worker can run today (scored ones, SnapKV and H2O, need the query ring).
+KV_POLICIES = ("streaming",)
+MAX_SINKS = 1024
+MAX_BUFFER = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCompactionConfig:
+    """Whether the deployment compacts requests that ask for it, and the defaults of their knobs."""
+
+    # The deployment runs the compacting scheduler (requests still opt in with kv_budget).
+    enabled: bool = False
+    # Default kv_policy: how the kept tokens are chosen.
+    policy: str = "streaming"
+    # Default kv_sinks: the first tokens every compaction keeps.
+    sinks: int = 4
+    # Default kv_buffer: decode tokens a compacted request gathers before it is compacted again.
+    buffer: int = 64
+
+    def __post_init__(self) -> None:
+        if self.policy not in KV_POLICIES:
+            raise ConfigError(f"policy must be one of {list(KV_POLICIES)}, got {shown(self.policy)}")
+        if not 0 <= self.sinks <= MAX_SINKS:
+            raise ConfigError(f"sinks must be an integer in [0, {MAX_SINKS}], got {shown(self.sinks)}")
+        if not 1 <= self.buffer <= MAX_BUFFER:
+            raise ConfigError(f"buffer must be an integer in [1, {MAX_BUFFER}], got {shown(self.buffer)}")
