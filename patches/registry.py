@@ -240,4 +240,25 @@ PATCHES: tuple[PatchSpec, ...] = (
         removal="When vLLM's runner takes per-request KV offsets, or offers a hook after the attention inputs.",
         contract_on_import=True,
     ),
+    PatchSpec(
+        name="kv-compaction-queries",
+        module="cpu_attention_forward",
+        target="vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
+        stage="general_plugin",
+        why=(
+            "SnapKV-style compaction (issue #18) scores a request's cached tokens by the attention "
+            "of its last queries; vLLM keeps no query, and a forward hook on the Attention module is "
+            "traced once by torch.compile on CPU instead of running every step."
+        ),
+        how=(
+            "Wrap the method on the class (the attention op is opaque to torch.compile, so it runs "
+            "eagerly every step): vllm_adaptive.kvcache.worker.record_queries copies the rows the "
+            "step listed (the last window tokens of requests with a query-scored policy) into their "
+            "rings, then vLLM's method runs. Without such requests the wrapper reads one global. "
+            "Applied when vllm.v1.attention.backends.cpu_attn is imported."
+        ),
+        upstream="vLLM #5751 (sparse KV cache RFC) and #10491 (KVPress) are open; no query hook exists.",
+        removal="When vLLM's attention layer exposes the step's queries (or a scoring hook) to plugins.",
+        contract_on_import=True,
+    ),
 )

@@ -45,6 +45,7 @@ SPECULATIVE = "speculative"
 SAMPLER = "sampler"
 ROUTING = "routing"
 KVCACHE = "kvcache"  # written by the engine core's compacting scheduler, not a worker
+KVWORKER = "kvworker"  # the workers' half of KV compaction (the selections they ran)
 
 _lock = threading.Lock()
 _served_dir: Path | None = None
@@ -397,6 +398,24 @@ def kvcache_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         yield ratio
 
 
+def kvworker_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
+    """Prometheus metric families for the workers' half of KV compaction
+    (vllm_adaptive.kvcache.worker WorkerKV.snapshot, summed over workers; under tensor
+    parallelism every rank runs each compaction, so these count rank-compactions)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    if not snapshots:
+        return
+    for name, key, documentation in (
+        ("kv_scored_compactions", "scored", "Compactions whose kept tokens a scorer chose (snapkv, keynorm)."),
+        ("kv_degraded", "degraded", "Compactions of a scored policy that fell back to the streaming selection "
+                                    "(no queries recorded, or the scorer failed; logged)."),
+    ):
+        family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
+        family.add_metric([], sum(int(s.get(key, 0)) for s in snapshots))
+        yield family
+
+
 class WorkerMetricsCollector:
     """A prometheus_client collector over the snapshot folder (reads it at every scrape)."""
 
@@ -405,7 +424,8 @@ class WorkerMetricsCollector:
 
     def collect(self) -> Iterator[Any]:
         for kind, families in ((SPECULATIVE, speculative_families), (SAMPLER, sampler_families),
-                               (ROUTING, routing_families), (KVCACHE, kvcache_families)):
+                               (ROUTING, routing_families), (KVCACHE, kvcache_families),
+                               (KVWORKER, kvworker_families)):
             try:
                 yield from families(read_snapshots(self.directory, kind))
             except Exception:

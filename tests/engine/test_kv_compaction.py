@@ -34,6 +34,7 @@ pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 48
 SINKS, BUFFER, BUDGET = 4, 16, 40
+WINDOW = 8  # the scored policies' observation window (kvcache.window)
 ENGINE = {"block_size": 32, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20,
           "num_gpu_blocks_override": 13, "max_num_batched_tokens": 64, "max_num_seqs": 8, "seed": 0}
 COMPACT = {"kv_budget": BUDGET, "kv_sinks": SINKS, "kv_buffer": BUFFER}
@@ -50,7 +51,7 @@ def engine(tiny_model: Path) -> Iterator[LLM]:
     try:
         # As a deployment turns it on (kvcache.enabled), with the recording subclass of the
         # scheduler that section selects.
-        kwargs = vllm_adaptive.engine_kwargs({"kvcache": {"enabled": True}}, **ENGINE)
+        kwargs = vllm_adaptive.engine_kwargs({"kvcache": {"enabled": True, "window": WINDOW}}, **ENGINE)
         assert kwargs["scheduler_cls"] == "vllm_adaptive.kvcache.scheduler.CompactingScheduler"
         llm = LLM(str(tiny_model), **{**kwargs, "scheduler_cls": RecordingScheduler})
     finally:
@@ -106,6 +107,59 @@ def test_compacted_requests_decode_as_a_decoder_attending_to_the_kept_tokens(eng
     assert scheduler.kv_snapshot()["requests"] >= 2
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == start
     assert scheduler.kv_evicted == {} and scheduler.kv_budgets == {}
+
+
+def worker_kv(llm: LLM) -> Any:
+    """The (only) worker's compaction state: the executor runs in this process."""
+    from vllm_adaptive.kvcache.worker import worker_state
+
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    return worker_state(executor.driver_worker.worker.model_runner)
+
+
+def test_scored_compactions_keep_the_tokens_a_reference_decoder_scores_highest(engine: LLM, tiny_model: Path) -> None:
+    """SnapKV (the attention of each request's last queries, recorded by the patched CPU
+    attention) and key-norm selections, per layer and KV head, in one batch with a request that
+    is not compacted; prompts chunked, the pool small enough that vLLM preempts."""
+    state = worker_kv(engine)
+    scored, degraded = state.scored, state.degraded
+    prompts = [prompt(8, 120), prompt(9, 120), prompt(10, 100), prompt(11, 90), prompt(13, 80)]
+    policies = ["streaming", "streaming", "snapkv", "keynorm", "snapkv"]
+    budgets = [None, None, BUDGET, BUDGET, BUDGET]
+    extras = [None if b is None else {**COMPACT, "kv_policy": p} for b, p in zip(budgets, policies)]
+    tokens, preempted = generate(engine, prompts, extras)
+    assert any(i in preempted for i in (2, 3, 4)), preempted  # a scored request was recomputed
+    preempted_at = [preempted.get(i, []) for i in range(len(prompts))]
+    reference = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, preempted_at,
+                                 policies, WINDOW)
+    assert tokens == reference
+    # The scores chose other tokens than the streaming baseline would have (else this proves little).
+    streaming = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, preempted_at)
+    assert all(tokens[i] != streaming[i] for i in (2, 3, 4))
+    assert state.scored > scored and state.degraded == degraded
+    # Queries are dropped at the first step whose plan no longer lists their request.
+    generate(engine, [prompt(12, 20)], [None])
+    assert state.rings == {}
+
+
+def test_a_failing_query_recorder_degrades_snapkv_to_streaming(
+    engine: LLM, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attention still runs, the request is compacted with the streaming selection (its
+    tail blocks were already freed), the fallback is counted, and the engine keeps serving."""
+    from vllm_adaptive.kvcache import worker
+
+    def broken(layer: Any, query: Any) -> None:
+        raise RuntimeError("injected recorder failure")
+
+    state = worker_kv(engine)
+    degraded = state.degraded
+    monkeypatch.setattr(worker, "record_queries", broken)
+    prompts = [prompt(14, 100)]
+    tokens, preempted = generate(engine, prompts, [{**COMPACT, "kv_policy": "snapkv"}])
+    assert preempted == {}
+    assert tokens == compacted_greedy(tiny_model, prompts, MAX_TOKENS, [BUDGET], SINKS, BUFFER)
+    assert state.degraded > degraded
 
 
 def test_without_compaction_or_below_its_budget_the_engine_is_plain_vllm(

@@ -35,7 +35,7 @@ def test_a_budget_in_tokens_or_as_a_share_of_the_prompt() -> None:
     ({"kv_budget": "many"}, "kv_budget", "got 'many'"),
     ({"kv_budget": 40, "kv_sinks": -1}, "kv_sinks", "[0, 1024]"),
     ({"kv_budget": 40, "kv_buffer": 0}, "kv_buffer", "[1, 1048576]"),
-    ({"kv_budget": 40, "kv_policy": "snapkv"}, "kv_policy", "['streaming']"),
+    ({"kv_budget": 40, "kv_policy": "h2o"}, "kv_policy", "['streaming', 'snapkv', 'keynorm']"),
     ({"kv_sinks": 4}, "kv_sinks", "needs kv_budget"),
 ])
 def test_bad_values_name_the_key_the_range_and_the_value(args: dict, key: str, words: str) -> None:
@@ -48,7 +48,7 @@ def test_the_section_is_validated_at_start_up_naming_the_key() -> None:
     assert AdaptiveConfig.from_dict({"kvcache": {"enabled": True}}).kvcache.enabled
     with pytest.raises(ConfigError, match=r"kvcache\.sinks must be an integer in \[0, 1024\], got -2"):
         AdaptiveConfig.from_dict({"kvcache": {"sinks": -2}})
-    with pytest.raises(ConfigError, match=r"kvcache\.policy must be one of \['streaming'\]"):
+    with pytest.raises(ConfigError, match=r"kvcache\.policy must be one of \['streaming', 'snapkv', 'keynorm'\]"):
         AdaptiveConfig.from_dict({"kvcache": {"policy": "h2o"}})
     with pytest.raises(ConfigError, match="kvcache.enabled cannot be true together with routing.enabled"):
         AdaptiveConfig.from_dict({"kvcache": {"enabled": True}, "routing": {"enabled": True}})
@@ -96,3 +96,15 @@ def test_admission_refuses_kv_keys_where_the_deployment_does_not_compact() -> No
     with pytest.raises(VLLMValidationError) as raised:
         refuse_unservable_kv(on, SamplingParams(extra_args={"kv_budget": 40, "kv_buffer": "x"}))
     assert raised.value.parameter == "kv_buffer"
+
+
+def test_raw_json_values_are_checked_as_sent() -> None:
+    """JSON true would reach the engine as the integer 1 (one token kept): refused as sent."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_adaptive.patches.openai_protocol_vllm_xargs import check_adaptive_xargs
+
+    with pytest.raises(VLLMValidationError) as raised:
+        check_adaptive_xargs({"kv_budget": True})
+    assert raised.value.parameter == "kv_budget"
+    assert check_adaptive_xargs({"kv_budget": 64, "kv_sinks": 2}) == {"kv_budget": 64, "kv_sinks": 2}

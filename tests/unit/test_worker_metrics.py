@@ -278,3 +278,14 @@ def test_kv_compaction_figures_of_two_engine_cores_are_summed(tmp_path: Path) ->
 
 def test_no_kv_snapshot_means_no_kv_metrics(tmp_path: Path) -> None:
     assert not any(name.startswith("vllm_adaptive:kv_") for name in scrape(tmp_path))
+
+
+def test_kv_selection_figures_of_the_workers_are_summed(tmp_path: Path) -> None:
+    from vllm_adaptive.worker_metrics import KVWORKER
+
+    for pid, payload in ((1, {"compactions": 5, "scored": 4, "degraded": 1}),
+                         (2, {"compactions": 2, "scored": 2, "degraded": 0})):
+        (tmp_path / f"{KVWORKER}-{pid}.json").write_text(json.dumps(payload))
+    figures = scrape(tmp_path)
+    assert figures["vllm_adaptive:kv_scored_compactions_total{}"] == 6
+    assert figures["vllm_adaptive:kv_degraded_total{}"] == 1

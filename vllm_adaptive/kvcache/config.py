@@ -14,10 +14,14 @@ import dataclasses
 from vllm_adaptive.errors import ConfigError
 from vllm_adaptive.sampling.param_spec import shown
 
-# The selections the worker can run today (scored ones, SnapKV and H2O, need the query ring).
-KV_POLICIES = ("streaming",)
+# The selections the worker runs (vllm_adaptive.kvcache.selection): `streaming` (sinks + the most
+# recent tokens), `snapkv` (attention mass from the last `window` queries, pooled), `keynorm`
+# (low key norms). SCORED_BY_QUERIES need the workers to keep each request's last queries.
+KV_POLICIES = ("streaming", "snapkv", "keynorm")
+SCORED_BY_QUERIES = ("snapkv",)
 MAX_SINKS = 1024
 MAX_BUFFER = 1 << 20
+MAX_WINDOW = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +36,9 @@ class KVCompactionConfig:
     sinks: int = 4
     # Default kv_buffer: decode tokens a compacted request gathers before it is compacted again.
     buffer: int = 64
+    # The scored policies' observation window: SnapKV scores tokens by the attention of the
+    # request's last `window` queries; every scored selection also keeps the last `window` tokens.
+    window: int = 32
 
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:
@@ -40,3 +47,5 @@ class KVCompactionConfig:
             raise ConfigError(f"sinks must be an integer in [0, {MAX_SINKS}], got {shown(self.sinks)}")
         if not 1 <= self.buffer <= MAX_BUFFER:
             raise ConfigError(f"buffer must be an integer in [1, {MAX_BUFFER}], got {shown(self.buffer)}")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"window must be an integer in [1, {MAX_WINDOW}], got {shown(self.window)}")

@@ -57,6 +57,12 @@ def parse_request(extra_args: Mapping[str, Any] | None, config: KVCompactionConf
     return BudgetRule(rule="ratio", ratio=number, **common)
 
 
+def request_policy(extra_args: Mapping[str, Any] | None, config: KVCompactionConfig) -> str:
+    """The selection policy of a request that `parse_request` accepted (its kv_policy, or the
+    deployment's)."""
+    return str((extra_args or {}).get("kv_policy", config.policy))
+
+
 def _parse_int(key: str, value: Any, low: int, high: int) -> int:
     number = as_number(value)
     if number is None or not number.is_integer() or not low <= number <= high:

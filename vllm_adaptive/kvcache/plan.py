@@ -19,34 +19,43 @@ PLAN_ATTRIBUTE = "adaptive_kv"
 @dataclasses.dataclass(frozen=True)
 class Compaction:
     """One request compacted this step: it held `physical` tokens and keeps `keep`, chosen per
-    layer and KV head by the selection: here the streaming one, the first `sinks` tokens and the
-    last keep - sinks."""
+    layer and KV head by `policy` (vllm_adaptive.kvcache.selection): always the first `sinks`
+    tokens; `streaming` fills the rest with the most recent tokens, the scored policies keep the
+    last `recent` tokens and the best-scoring ones between."""
 
     physical: int
     keep: int
     sinks: int = 4
+    policy: str = "streaming"
+    recent: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= self.physical:
             raise ValueError(f"keep must be in [1, physical={self.physical}], got {self.keep}")
         if not 0 <= self.sinks <= self.keep:
             raise ValueError(f"sinks must be in [0, keep={self.keep}], got {self.sinks}")
+        if self.recent < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
 
     @property
     def evicted(self) -> int:
         return self.physical - self.keep
 
     def kept_tokens(self) -> list[int]:
-        """The physical indices kept, ascending (streaming: sinks, then the most recent)."""
+        """The streaming selection's physical indices, ascending: the sinks, then the most
+        recent (also the fallback of a scored policy whose scores are missing)."""
         recent = self.keep - self.sinks
         return [*range(self.sinks), *range(self.physical - recent, self.physical)]
 
 
 @dataclasses.dataclass(frozen=True)
 class KVPlan:
-    """This step's compactions (run before any forward pass), and the eviction offset E of every
-    compacted request still in the scheduler (its physical length = logical length - E)."""
+    """This step's compactions (run before any forward pass), the eviction offset E of every
+    compacted request still in the scheduler (its physical length = logical length - E), and
+    the requests whose last `window` queries the workers keep for a scored policy (request id ->
+    window; every running one, so a request missing here is gone and its queries are dropped)."""
 
     step: int
     compact: dict[str, Compaction]
     evicted: dict[str, int]
+    observe: dict[str, int] = dataclasses.field(default_factory=dict)

@@ -32,8 +32,10 @@ counted as refused; nothing is freed for it.
 The deployment turns it on with `kvcache.enabled` (vllm_adaptive.kvcache.config, which sets
 this class as `scheduler_cls`); requests opt in with `kv_budget` (vllm_adaptive.kvcache.params).
 Settings it cannot run with stop the engine at start-up (vllm_adaptive.kvcache.compatibility).
-Not here yet (docs/dev/kv_compaction.md): the entropy budget rule, which needs the worker's
-attention scores (only `fixed` and `ratio` decide here), and the scored selections.
+Which tokens are kept is the worker's choice (the request's policy rides on its `Compaction`;
+requests with a query-scored policy are listed in `KVPlan.observe` every step so that the
+workers keep their last queries). Not here yet (docs/dev/kv_compaction.md): the entropy budget
+rule, which needs the worker's attention scores (only `fixed` and `ratio` decide here).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_adaptive.kvcache.budget import BudgetRule
-from vllm_adaptive.kvcache.config import KVCompactionConfig
-from vllm_adaptive.kvcache.params import parse_request
+from vllm_adaptive.kvcache.config import SCORED_BY_QUERIES, KVCompactionConfig
+from vllm_adaptive.kvcache.params import parse_request, request_policy
 from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
 from vllm_adaptive.worker_metrics import KVCACHE, SnapshotPublisher
 
@@ -92,6 +94,7 @@ class CompactingScheduler(Scheduler):
         self.kv_budgets: dict[str, int] = {}  # B per request, fixed at its first eligible step
         self.kv_counters = CompactionCounters()
         self._kv_rules: dict[str, BudgetRule | None] = {}
+        self._kv_policies: dict[str, str] = {}  # the selection of each request with a rule
         self._kv_publisher = SnapshotPublisher.from_environment(KVCACHE, self.kv_snapshot)
         manager = self.kv_cache_manager
         manager.allocate_slots = functools.partial(_allocate_on_physical_length, self, manager.allocate_slots)
@@ -120,6 +123,8 @@ class CompactingScheduler(Scheduler):
                                  f"use one of {list(SCHEDULER_RULES)}")
             self._kv_rules[rid] = rule
             if rule is not None:
+                params = request.sampling_params
+                self._kv_policies[rid] = request_policy(params.extra_args if params else None, self.kv_config)
                 self.kv_counters.requests += 1
             self._kv_changed()
         return self._kv_rules[rid]
@@ -145,8 +150,14 @@ class CompactingScheduler(Scheduler):
         output = super().schedule(throttle_prefills)
         for rid in output.preempted_req_ids or ():
             compact.pop(rid, None)  # its blocks are gone: nothing to move
-        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted)))
+        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), self._observed()))
         return output
+
+    def _observed(self) -> dict[str, int]:
+        """Running requests whose scored policy needs their last queries (KVPlan.observe)."""
+        window = self.kv_config.window
+        return {r.request_id: window for r in self.running
+                if self._kv_policies.get(r.request_id) in SCORED_BY_QUERIES}
 
     def _compact_running(self) -> dict[str, Compaction]:
         plan: dict[str, Compaction] = {}
@@ -175,7 +186,9 @@ class CompactingScheduler(Scheduler):
                 self.kv_counters.refused += 1
                 continue
             self.kv_evicted[rid] = evicted + physical - budget
-            plan[rid] = Compaction(physical, budget, min(rule.sinks, budget))
+            policy = self._kv_policies[rid]
+            recent = 0 if policy == "streaming" else self.kv_config.window
+            plan[rid] = Compaction(physical, budget, min(rule.sinks, budget), policy, recent)
             counters = self.kv_counters
             counters.compactions += 1
             counters.tokens_held += physical
@@ -211,6 +224,7 @@ class CompactingScheduler(Scheduler):
         self.kv_budgets.pop(rid, None)
         if request.is_finished():
             self._kv_rules.pop(rid, None)
+            self._kv_policies.pop(rid, None)
         super()._free_request_blocks(request)
 
 

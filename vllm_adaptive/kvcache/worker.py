@@ -21,6 +21,18 @@ positions - E: the positions themselves stay logical (RoPE sees the true positio
 cache holds the request's physical tokens [0, logical - E). vLLM's attention kernels take no
 positions, only sequence lengths, block tables and slots (tests/contract/kv_compaction_probe_cases.py).
 
+Which tokens a request keeps in each (layer, KV head) is its policy's (Compaction.policy,
+vllm_adaptive.kvcache.selection): `streaming` needs nothing; `keynorm` reads the request's keys;
+`snapkv` scores the keys by the attention of the request's last `window` queries, which the
+workers keep for every request the plan lists in `KVPlan.observe`: `after_prepare_inputs` lists
+this step's rows of those requests (the last `window` tokens each), and vLLM's CPU attention
+(patch kv-compaction-queries, `record_queries`) copies their post-RoPE queries into each
+request's ring, one per layer. Only queries of tokens appended since the request's last
+compaction count (their physical slots are known: logical position - E); a scored selection
+whose scores cannot be had (no queries kept, a failure in the scorer) falls back to the
+streaming selection for that request, logged and counted (`degraded`): the scheduler has already
+freed its tail blocks, so a compaction is never skipped.
+
 Without a plan on the SchedulerOutput (every deployment without compaction) both functions
 return at once.
 """
@@ -28,25 +40,76 @@ return at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 
 from vllm_adaptive.kernels.kv_compact import compact_kv_, kv_views
+from vllm_adaptive.kernels.kv_score import window_attention_mass
 from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
+from vllm_adaptive.kvcache.selection import keynorm_scores, pool_scores, select_tokens
+from vllm_adaptive.worker_metrics import KVWORKER, SnapshotPublisher
+
+logger = logging.getLogger(__name__)
 
 # The attribute of the model runner that holds its compaction state.
 STATE_ATTRIBUTE = "_vllm_adaptive_kv"
+# SnapKV's pooling of the window's attention mass over neighbouring tokens (so that a kept token
+# comes with its neighbours: a key and the value after it), as in SnapKV (kernel 5-7).
+POOL_KERNEL = 7
+POOLING = "max"
+
+
+@dataclasses.dataclass
+class QueryRing:
+    """One request's last `window` queries in every layer: the query of logical position p is
+    `queries[layer, p % window]` (float32 [layers, window, q_heads, head_size]) and
+    `positions[p % window] == p` once layer 0 recorded it (-1 before)."""
+
+    queries: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return self.positions.shape[0]
+
+
+@dataclasses.dataclass
+class StepCapture:
+    """The query rows this step's forward records (module docstring): per observed request, its
+    ring, the rows' indices in the step's flattened tokens, their ring slots and positions."""
+
+    layer_index: dict[str, int]
+    head_size: int
+    tokens: int
+    rows: list[tuple[QueryRing, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclasses.dataclass
 class WorkerKV:
-    """One runner's compaction state: the eviction offset of each compacted request."""
+    """One runner's compaction state."""
 
+    # E of each compacted request (this step's plan).
     offsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Requests whose queries are kept (this step's plan) and their rings.
+    observe: dict[str, int] = dataclasses.field(default_factory=dict)
+    rings: dict[str, QueryRing] = dataclasses.field(default_factory=dict)
+    # Physical length each request kept at its last compaction (queries before it do not count).
+    kept_at: dict[str, int] = dataclasses.field(default_factory=dict)
     compactions: int = 0
     tokens_evicted: int = 0
+    scored: int = 0  # compactions whose selection came from scores
+    degraded: int = 0  # scored policies that fell back to streaming
+    publisher: SnapshotPublisher | None = None
+
+    def snapshot(self) -> dict[str, int]:
+        return {"compactions": self.compactions, "scored": self.scored, "degraded": self.degraded}
+
+
+# The runner state of this worker process whose step is recording queries (None: no recording).
+_CAPTURE: StepCapture | None = None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -57,41 +120,67 @@ def worker_state(runner: Any) -> WorkerKV:
     state = getattr(runner, STATE_ATTRIBUTE, None)
     if state is None:
         state = WorkerKV()
+        state.publisher = SnapshotPublisher.from_environment(KVWORKER, state.snapshot)
         setattr(runner, STATE_ATTRIBUTE, state)
     return state
 
 
 def before_update_states(runner: Any, scheduler_output: Any) -> None:
     """Run the step's plan (module docstring, 1-3); nothing without one."""
+    global _CAPTURE
+    _CAPTURE = None  # the previous step's rows are not this step's
     plan: KVPlan | None = getattr(scheduler_output, PLAN_ATTRIBUTE, None)
     if plan is None:
         return
     state = worker_state(runner)
+    for req_id in [r for r in state.rings if r not in plan.observe]:
+        del state.rings[req_id]  # finished, preempted or aborted: the plan lists every running one
+    for req_id in [r for r in state.kept_at if r not in plan.evicted]:
+        del state.kept_at[req_id]
     for req_id, compaction in plan.compact.items():
-        compact_request(runner, req_id, compaction)
+        compact_request(runner, state, req_id, compaction)
         state.compactions += 1
         state.tokens_evicted += compaction.evicted
+    if plan.compact and state.publisher is not None:
+        state.publisher.touch()
     state.offsets = dict(plan.evicted)
+    state.observe = dict(plan.observe)
 
 
-def layer_caches(runner: Any) -> list[torch.Tensor]:
-    """The KV cache tensor of every attention layer (one per tensor, shared ones once)."""
+@dataclasses.dataclass(frozen=True)
+class CacheLayer:
+    """One KV cache tensor and the first attention layer that uses it."""
+
+    index: int  # the layer's position in the KV cache group (its query ring row)
+    name: str
+    cache: torch.Tensor
+    scale: float
+
+
+def attention_layers(runner: Any) -> list[CacheLayer]:
+    """Every KV cache tensor of the model (shared ones once), with its first layer."""
     groups = runner.kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise RuntimeError(f"KV compaction needs one KV cache group, the model has {len(groups)}")
     context = runner.compilation_config.static_forward_context
-    caches, seen = [], set()
-    for name in groups[0].layer_names:
-        cache = getattr(context.get(name), "kv_cache", None)
+    layers, seen = [], set()
+    for index, name in enumerate(groups[0].layer_names):
+        layer = context.get(name)
+        cache = getattr(layer, "kv_cache", None)
         if not isinstance(cache, torch.Tensor):
             raise RuntimeError(f"layer {name} has no KV cache tensor ({type(cache).__name__})")
         if cache.data_ptr() not in seen:
             seen.add(cache.data_ptr())
-            caches.append(cache)
-    return caches
+            layers.append(CacheLayer(index, name, cache, float(layer.impl.scale)))
+    return layers
 
 
-def compact_request(runner: Any, req_id: str, compaction: Compaction) -> None:
+def layer_caches(runner: Any) -> list[torch.Tensor]:
+    """The KV cache tensor of every attention layer (one per tensor, shared ones once)."""
+    return [layer.cache for layer in attention_layers(runner)]
+
+
+def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compaction) -> None:
     """Move `req_id`'s kept tokens to its first slots in every layer, then cut its block ids."""
     request = runner.requests[req_id]
     (block_ids,) = request.block_ids  # one KV cache group (refused otherwise)
@@ -102,11 +191,24 @@ def compact_request(runner: Any, req_id: str, compaction: Compaction) -> None:
                            f"{compaction.physical} tokens need ({held})")
     device = runner.device
     ids = torch.tensor(block_ids[:held], dtype=torch.int64, device=device)
-    kept = torch.tensor(compaction.kept_tokens(), dtype=torch.int64, device=device)
     layout = "cpu" if device.type == "cpu" else "flash"
-    for cache in layer_caches(runner):
-        key, value = kv_views(cache, layout)
-        compact_kv_(key, value, ids, kept.expand(key.shape[1], -1), check_indices=False)
+    layers = attention_layers(runner)
+    views = [kv_views(layer.cache, layout) for layer in layers]
+    kept: list[torch.Tensor] | None = None
+    if compaction.policy != "streaming":
+        try:
+            kept = scored_selection(state, req_id, compaction, layers, views, ids)
+            state.scored += 1
+        except Exception as e:  # noqa: BLE001 - the tail is already freed: compact anyway
+            state.degraded += 1
+            logger.warning("vllm-adaptive: KV compaction of request %s fell back from %s to the "
+                           "streaming selection: %s", req_id, compaction.policy, e)
+    if kept is None:
+        streaming = torch.tensor(compaction.kept_tokens(), dtype=torch.int64, device=device)
+        kept = [streaming.expand(key.shape[1], -1) for key, _ in views]
+    for (key, value), keep in zip(views, kept):
+        compact_kv_(key, value, ids, keep, check_indices=False)
+    state.kept_at[req_id] = compaction.keep
     keep_blocks = cdiv(compaction.keep, block_size)
     del block_ids[keep_blocks:]
     row = runner.input_batch.req_id_to_index.get(req_id)
@@ -117,10 +219,116 @@ def compact_request(runner: Any, req_id: str, compaction: Compaction) -> None:
         table.num_blocks_per_row[row] = min(before, keep_blocks)
 
 
+def scored_selection(state: WorkerKV, req_id: str, compaction: Compaction, layers: list[CacheLayer],
+                     views: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor) -> list[torch.Tensor]:
+    """The kept tokens [KV heads, keep] of each cache tensor under a scored policy."""
+    physical, keep = compaction.physical, compaction.keep
+    if compaction.policy == "keynorm":
+        def scores_of(layer: CacheLayer, key: torch.Tensor) -> torch.Tensor:
+            return keynorm_scores(gather_keys(key, ids, physical))
+    elif compaction.policy == "snapkv":
+        queries = window_queries(state, req_id, physical)
+
+        def scores_of(layer: CacheLayer, key: torch.Tensor) -> torch.Tensor:
+            mass = window_attention_mass(queries[layer.index], key, ids, physical, layer.scale)
+            return pool_scores(mass, POOL_KERNEL, POOLING)
+    else:
+        raise ValueError(f"unknown KV compaction policy {compaction.policy!r}")
+    return [select_tokens(scores_of(layer, key), physical, keep, compaction.sinks, compaction.recent)
+            for layer, (key, _) in zip(layers, views)]
+
+
+def gather_keys(key: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The request's first `length` keys [KV heads, length, head_size] from a paged key view."""
+    blocks = key.index_select(0, ids).transpose(0, 1)  # [H, blocks, block_size, D]
+    return blocks.reshape(blocks.shape[0], -1, blocks.shape[-1])[:, :length]
+
+
+def window_queries(state: WorkerKV, req_id: str, physical: int) -> torch.Tensor:
+    """The queries [layers, k, q_heads, head_size] of the request's last k tokens, the most the
+    ring holds since its last compaction, in position order; raises when there are none."""
+    ring = state.rings.get(req_id)
+    if ring is None:
+        raise RuntimeError("no queries were recorded for it (is the attention backend vLLM's CPU one?)")
+    fresh = physical - state.kept_at.get(req_id, 0)  # tokens appended since its last compaction
+    count = min(ring.window, fresh)
+    last = int(ring.positions.max())
+    wanted = torch.arange(last - count + 1, last + 1)
+    slots = wanted % ring.window
+    if count < 1 or not torch.equal(ring.positions[slots], wanted):
+        raise RuntimeError(f"its ring does not hold its last {count} queries")
+    return ring.queries.index_select(1, slots.to(ring.queries.device))
+
+
+def record_queries(layer: Any, query: torch.Tensor) -> None:
+    """Copy this step's observed rows of `query` (one attention layer's post-RoPE queries
+    [tokens, q_heads, head_size] or [tokens, q_heads * head_size]) into their rings; called by
+    the kv-compaction-queries patch on every attention forward."""
+    capture = _CAPTURE
+    if capture is None:
+        return
+    index = capture.layer_index.get(getattr(layer, "layer_name", None))
+    if index is None or query.shape[0] < capture.tokens:
+        return
+    q = query.reshape(query.shape[0], -1, capture.head_size)
+    for ring, rows, slots, positions in capture.rows:
+        ring.queries[index].index_copy_(0, slots, q.index_select(0, rows).to(ring.queries.dtype))
+        if index == 0:
+            ring.positions.index_copy_(0, slots.cpu(), positions)
+
+
+def stop_capture() -> None:
+    """No more recording this step (after a failure in `record_queries`): the rings of this
+    step's requests miss these positions, so their scored compactions degrade to streaming."""
+    global _CAPTURE
+    capture, _CAPTURE = _CAPTURE, None
+    for ring, _, slots, _ in capture.rows if capture is not None else ():
+        ring.positions[slots.cpu()] = -1  # layer 0 may have recorded them: not all layers did
+
+
+def plan_capture(runner: Any, state: WorkerKV, total: int) -> StepCapture | None:
+    """This step's rows of the observed requests (their last `window` tokens each)."""
+    if not state.observe:
+        return None
+    batch = runner.input_batch
+    starts = runner.query_start_loc.np
+    names = runner.kv_cache_config.kv_cache_groups[0].layer_names
+    layer = runner.compilation_config.static_forward_context[names[0]]
+    heads, head_size = int(layer.impl.num_heads), int(layer.impl.head_size)
+    device = runner.device
+    rows = []
+    for req_id, window in state.observe.items():
+        row = batch.req_id_to_index.get(req_id)
+        if row is None or row >= batch.num_reqs:
+            continue
+        start, end = int(starts[row]), int(starts[row + 1])
+        count = min(end - start, window)
+        if count <= 0:
+            continue
+        ring = state.rings.get(req_id)
+        if ring is None or ring.window != window:
+            ring = state.rings[req_id] = QueryRing(
+                torch.zeros(len(names), window, heads, head_size, dtype=torch.float32, device=device),
+                torch.full((window,), -1, dtype=torch.int64))
+        first = int(batch.num_computed_tokens_cpu[row]) + (end - start) - count
+        positions = torch.arange(first, first + count, dtype=torch.int64)
+        rows.append((ring, torch.arange(end - count, end, device=device), (positions % window).to(device),
+                     positions))
+    if not rows:
+        return None
+    return StepCapture({name: i for i, name in enumerate(names)}, head_size, total, rows)
+
+
 def after_prepare_inputs(runner: Any, scheduler_output: Any) -> None:
-    """Sequence lengths and KV slots of compacted rows from their physical length."""
+    """Sequence lengths and KV slots of compacted rows from their physical length; this step's
+    query rows to record."""
+    global _CAPTURE
     state: WorkerKV | None = getattr(runner, STATE_ATTRIBUTE, None)
-    if state is None or not state.offsets:
+    if state is None:
+        return
+    if state.observe:
+        _CAPTURE = plan_capture(runner, state, scheduler_output.total_num_scheduled_tokens)
+    if not state.offsets:
         return
     batch = runner.input_batch
     num_reqs = batch.num_reqs
