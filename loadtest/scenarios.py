@@ -42,6 +42,11 @@ SCENARIOS: dict[str, Scenario] = {
     "epsilon": _sampler("epsilon", epsilon=3e-4),
     "eta": _sampler("eta", eta_cutoff=6e-4),
     "top_n_sigma": _sampler("top_n_sigma", top_n_sigma=1.0),
+    # KV compaction (README, "KV-cache compaction"): the server needs `kvcache.enabled: true`.
+    "kv_streaming": Scenario("KV compaction to 1/4 of the prompt, streaming selection (kvcache.enabled)",
+                             {"vllm_xargs": {"kv_budget": 0.25, "kv_policy": "streaming"}}),
+    "kv_snapkv": Scenario("KV compaction to 1/4 of the prompt, SnapKV selection (kvcache.enabled)",
+                          {"vllm_xargs": {"kv_budget": 0.25, "kv_policy": "snapkv"}}),
 }
 
 DEFAULT_SCENARIO = "plain"

@@ -389,6 +389,14 @@ def kvcache_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
         family.add_metric([], total(key))
         yield family
+    for name, key, documentation in (
+        ("kv_free_blocks", "free_blocks", "Free blocks in vLLM's KV pool (cached but unreferenced ones included), "
+                                          "as of the compacting scheduler's last change."),
+        ("kv_pool_blocks", "pool_blocks", "Usable blocks in vLLM's KV pool."),
+    ):
+        gauge = GaugeMetricFamily(f"vllm_adaptive:{name}", documentation)
+        gauge.add_metric([], total(key))
+        yield gauge
     held, kept = total("tokens_held"), total("tokens_kept")
     if kept:
         ratio = GaugeMetricFamily(

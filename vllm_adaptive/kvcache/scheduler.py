@@ -130,8 +130,12 @@ class CompactingScheduler(Scheduler):
         return self._kv_rules[rid]
 
     def kv_snapshot(self) -> dict[str, int]:
-        """The compaction counters (plain ints), for /metrics and vllm_adaptive.introspection."""
-        return dataclasses.asdict(self.kv_counters)
+        """The compaction counters (plain ints), for /metrics and vllm_adaptive.introspection, and
+        the pool's free and usable blocks now (the null block is never usable): once every
+        request has finished they are equal, compaction or not."""
+        pool = self.kv_cache_manager.block_pool
+        return {**dataclasses.asdict(self.kv_counters), "free_blocks": pool.get_num_free_blocks(),
+                "pool_blocks": pool.num_gpu_blocks - 1}
 
     def _kv_changed(self) -> None:
         if self._kv_publisher is not None:
@@ -226,6 +230,7 @@ class CompactingScheduler(Scheduler):
             self._kv_rules.pop(rid, None)
             self._kv_policies.pop(rid, None)
         super()._free_request_blocks(request)
+        self._kv_changed()  # the free-block gauge
 
 
 def _allocate_on_physical_length(
