@@ -39,15 +39,16 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     from vllm_adaptive.kvcache import worker
 
     @functools.wraps(original)
-    def forward(self: Any, layer: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self: Any, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any, *args: Any,
+                **kwargs: Any) -> Any:
         if worker._CAPTURE is not None:
             try:
-                worker.record_queries(layer, query)
+                worker.record_queries(layer, query, kv_cache)
             except Exception:  # noqa: BLE001 - never into the forward pass
                 logger.exception("vllm-adaptive: recording queries for KV compaction failed; "
                                  "scored compactions of this step's requests fall back to streaming")
                 worker.stop_capture()
-        return original(self, layer, query, *args, **kwargs)
+        return original(self, layer, query, key, value, kv_cache, *args, **kwargs)
 
     return forward
 
@@ -67,7 +68,7 @@ def check_contract() -> None:
     current = vars(impl).get(METHOD)
     require(current is not None, f"CPUAttentionBackendImpl has no {METHOD} any more")
     params = list(inspect.signature(original_of(current)).parameters)
-    require(params[:3] == ["self", "layer", "query"],
+    require(params[:6] == ["self", "layer", "query", "key", "value", "kv_cache"],
             f"CPUAttentionBackendImpl.{METHOD} parameters changed: {params}")
     attention = importlib.import_module("vllm.model_executor.layers.attention.attention")
     op = inspect.getsource(attention.unified_attention_with_output)
@@ -76,8 +77,8 @@ def check_contract() -> None:
     init = inspect.getsource(attention.Attention.__init__)
     require("self.layer_name = prefix" in init, "Attention no longer keeps its layer_name")
     impl_init = inspect.getsource(impl.__init__)
-    require(all(f"self.{name} = " in impl_init for name in ("num_heads", "head_size", "scale")),
-            "CPUAttentionBackendImpl no longer keeps num_heads, head_size and scale")
+    require(all(f"self.{name} = " in impl_init for name in ("num_heads", "head_size", "scale", "num_kv_heads")),
+            "CPUAttentionBackendImpl no longer keeps num_heads, head_size, num_kv_heads and scale")
 
 
 _patch = ClassMethodPatch(BACKEND_MODULE, "CPUAttentionBackendImpl", METHOD, _wrap, lambda: check_contract(), __name__)

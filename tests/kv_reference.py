@@ -14,6 +14,9 @@ tokens each layer and KV head keeps (its policy):
   summed over those queries and over the KV head's query heads, as transformers' eager
   attention reports it (`output_attentions`), then max-pooled over a centred window of
   `pool` tokens (cut at the ends);
+- `h2o`: the same, scored (without pooling) by the attention probability each cached token got
+  from every query the request ran since its (re)computation started, summed over the KV head's
+  query heads; a kept token keeps its sum, the evicted ones' sums are gone;
 - `keynorm`: the same, scored by minus the L2 norm of each cached key.
 """
 
@@ -91,12 +94,20 @@ def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_toke
                                                           policies or ["streaming"] * len(prompts)):
             scored = policy != "streaming"
 
+            def grouped(probs: torch.Tensor) -> torch.Tensor:  # [q_heads, T] -> [kv_heads, T], float64
+                return probs.double().reshape(kv_heads, -1, probs.shape[-1]).sum(dim=1)
+
             def prefill(ids: list[int]) -> tuple[object, int, list[tuple[torch.Tensor, ...]]]:
+                nonlocal heavy
                 out = model(input_ids=torch.tensor([ids]), use_cache=True, output_attentions=scored)
                 rows = []
                 if policy == "snapkv":  # each position's attention row, per layer
                     rows = [tuple(a[0, :, i, : i + 1] for a in out.attentions) for i in range(len(ids))]
+                if policy == "h2o":  # every query's attention, summed, per layer
+                    heavy = [grouped(a[0].sum(dim=1)) for a in out.attentions]
                 return out.past_key_values, int(out.logits[0, -1].argmax()), rows
+
+            heavy: list[torch.Tensor] = []
 
             cache, first, rows = prefill(list(prompt))
             generated = [first]
@@ -122,19 +133,25 @@ def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_toke
                     elif due:
                         if policy == "snapkv":
                             masses = _window_mass(rows, physical, window, kv_heads)
+                        elif policy == "h2o":
+                            masses = heavy
                         else:
                             masses = [-torch.linalg.vector_norm(layer.keys[0].double(), dim=-1) for layer in cache.layers]
                         kept = [_select(_max_pool(m, pool) if policy == "snapkv" else m, physical, budget, sinks, window)
                                 for m in masses]
                         _keep_per_head(cache, kept)
+                        heavy = [m.gather(1, k) for m, k in zip(heavy, kept)] if policy == "h2o" else heavy
                         rows = []
                     if due:
                         physical = budget
                 out = model(input_ids=torch.tensor([[generated[-1]]]), position_ids=torch.tensor([[logical]]),
                             attention_mask=torch.ones(1, physical + 1, dtype=torch.long),
-                            past_key_values=cache, use_cache=True, output_attentions=policy == "snapkv")
+                            past_key_values=cache, use_cache=True, output_attentions=scored)
                 if policy == "snapkv":
                     rows.append(tuple(a[0, :, 0, :] for a in out.attentions))
+                if policy == "h2o":
+                    heavy = [torch.cat([m, torch.zeros(kv_heads, 1, dtype=m.dtype)], dim=1) + grouped(a[0, :, 0, :])
+                             for m, a in zip(heavy, out.attentions)]
                 cache = out.past_key_values
                 logical += 1
                 physical += 1

@@ -30,7 +30,7 @@ CHOICES = {
     ("speculative", "confidence"): set(speculative_config.CONFIDENCES),
     ("speculative", "specdec_threshold"): {speculative_config.AUTO},
     ("routing", "mode"): {"faithful", "speculative"},
-    ("kvcache", "policy"): {"streaming"},
+    ("kvcache", "policy"): {"streaming", "snapkv", "h2o", "keynorm"},
 }
 
 

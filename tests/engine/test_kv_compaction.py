@@ -119,27 +119,27 @@ def worker_kv(llm: LLM) -> Any:
 
 def test_scored_compactions_keep_the_tokens_a_reference_decoder_scores_highest(engine: LLM, tiny_model: Path) -> None:
     """SnapKV (the attention of each request's last queries, recorded by the patched CPU
-    attention) and key-norm selections, per layer and KV head, in one batch with a request that
+    attention), H2O (the attention every query gave, accumulated there) and key-norm selections, per layer and KV head, in one batch with a request that
     is not compacted; prompts chunked, the pool small enough that vLLM preempts."""
     state = worker_kv(engine)
     scored, degraded = state.scored, state.degraded
-    prompts = [prompt(8, 120), prompt(9, 120), prompt(10, 100), prompt(11, 90), prompt(13, 80)]
-    policies = ["streaming", "streaming", "snapkv", "keynorm", "snapkv"]
-    budgets = [None, None, BUDGET, BUDGET, BUDGET]
+    prompts = [prompt(8, 120), prompt(9, 120), prompt(10, 100), prompt(11, 90), prompt(13, 80), prompt(15, 70)]
+    policies = ["streaming", "streaming", "snapkv", "keynorm", "snapkv", "h2o"]
+    budgets = [None, None, BUDGET, BUDGET, BUDGET, BUDGET]
     extras = [None if b is None else {**COMPACT, "kv_policy": p} for b, p in zip(budgets, policies)]
     tokens, preempted = generate(engine, prompts, extras)
-    assert any(i in preempted for i in (2, 3, 4)), preempted  # a scored request was recomputed
+    assert any(i in preempted for i in (2, 3, 4, 5)), preempted  # a scored request was recomputed
     preempted_at = [preempted.get(i, []) for i in range(len(prompts))]
     reference = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, preempted_at,
                                  policies, WINDOW)
     assert tokens == reference
     # The scores chose other tokens than the streaming baseline would have (else this proves little).
     streaming = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, preempted_at)
-    assert all(tokens[i] != streaming[i] for i in (2, 3, 4))
+    assert all(tokens[i] != streaming[i] for i in (2, 3, 4, 5))
     assert state.scored > scored and state.degraded == degraded
     # Queries are dropped at the first step whose plan no longer lists their request.
     generate(engine, [prompt(12, 20)], [None])
-    assert state.rings == {}
+    assert state.rings == {} and state.mass == {}
 
 
 def test_a_failing_query_recorder_degrades_snapkv_to_streaming(

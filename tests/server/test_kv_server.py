@@ -82,7 +82,7 @@ def test_a_locust_load_with_compaction_gives_every_block_back(kv_server: Server,
 
 def test_kv_keys_are_refused_with_400_naming_the_key(kv_server: Server) -> None:
     body = {"model": kv_server.model, "prompt": "Tom had a red kite.", "max_tokens": 4,
-            "vllm_xargs": {"kv_budget": 0.25, "kv_policy": "h2o"}}
+            "vllm_xargs": {"kv_budget": 0.25, "kv_policy": "pyramid"}}
     response = requests.post(f"{kv_server.url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 400
-    assert "kv_policy" in response.text and "snapkv" in response.text and "h2o" in response.text
+    assert "kv_policy" in response.text and "snapkv" in response.text and "pyramid" in response.text

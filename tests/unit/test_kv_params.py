@@ -35,7 +35,7 @@ def test_a_budget_in_tokens_or_as_a_share_of_the_prompt() -> None:
     ({"kv_budget": "many"}, "kv_budget", "got 'many'"),
     ({"kv_budget": 40, "kv_sinks": -1}, "kv_sinks", "[0, 1024]"),
     ({"kv_budget": 40, "kv_buffer": 0}, "kv_buffer", "[1, 1048576]"),
-    ({"kv_budget": 40, "kv_policy": "h2o"}, "kv_policy", "['streaming', 'snapkv', 'keynorm']"),
+    ({"kv_budget": 40, "kv_policy": "pyramid"}, "kv_policy", "['streaming', 'snapkv', 'h2o', 'keynorm']"),
     ({"kv_sinks": 4}, "kv_sinks", "needs kv_budget"),
 ])
 def test_bad_values_name_the_key_the_range_and_the_value(args: dict, key: str, words: str) -> None:
@@ -48,8 +48,8 @@ def test_the_section_is_validated_at_start_up_naming_the_key() -> None:
     assert AdaptiveConfig.from_dict({"kvcache": {"enabled": True}}).kvcache.enabled
     with pytest.raises(ConfigError, match=r"kvcache\.sinks must be an integer in \[0, 1024\], got -2"):
         AdaptiveConfig.from_dict({"kvcache": {"sinks": -2}})
-    with pytest.raises(ConfigError, match=r"kvcache\.policy must be one of \['streaming', 'snapkv', 'keynorm'\]"):
-        AdaptiveConfig.from_dict({"kvcache": {"policy": "h2o"}})
+    with pytest.raises(ConfigError, match=r"kvcache\.policy must be one of \['streaming', 'snapkv', 'h2o', 'keynorm'\]"):
+        AdaptiveConfig.from_dict({"kvcache": {"policy": "pyramid"}})
     with pytest.raises(ConfigError, match="kvcache.enabled cannot be true together with routing.enabled"):
         AdaptiveConfig.from_dict({"kvcache": {"enabled": True}, "routing": {"enabled": True}})
 

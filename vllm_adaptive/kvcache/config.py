@@ -15,10 +15,13 @@ from vllm_adaptive.errors import ConfigError
 from vllm_adaptive.sampling.param_spec import shown
 
 # The selections the worker runs (vllm_adaptive.kvcache.selection): `streaming` (sinks + the most
-# recent tokens), `snapkv` (attention mass from the last `window` queries, pooled), `keynorm`
-# (low key norms). SCORED_BY_QUERIES need the workers to keep each request's last queries.
-KV_POLICIES = ("streaming", "snapkv", "keynorm")
+# recent tokens), `snapkv` (attention mass from the last `window` queries, pooled), `h2o`
+# (attention mass accumulated over every query the request has run), `keynorm` (low key norms).
+# SCORED_BY_QUERIES need the workers to keep each request's last queries; ACCUMULATED, its
+# accumulated attention.
+KV_POLICIES = ("streaming", "snapkv", "h2o", "keynorm")
 SCORED_BY_QUERIES = ("snapkv",)
+ACCUMULATED = ("h2o",)
 MAX_SINKS = 1024
 MAX_BUFFER = 1 << 20
 MAX_WINDOW = 1024

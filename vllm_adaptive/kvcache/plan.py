@@ -53,9 +53,12 @@ class KVPlan:
     """This step's compactions (run before any forward pass), the eviction offset E of every
     compacted request still in the scheduler (its physical length = logical length - E), and
     the requests whose last `window` queries the workers keep for a scored policy (request id ->
-    window; every running one, so a request missing here is gone and its queries are dropped)."""
+    window; every running one, so a request missing here is gone and its queries are dropped),
+    and those whose accumulated attention they keep (`h2o`, same rule)."""
 
     step: int
     compact: dict[str, Compaction]
     evicted: dict[str, int]
     observe: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Running requests whose attention mass the workers accumulate (H2O), every running one.
+    accumulate: tuple[str, ...] = ()

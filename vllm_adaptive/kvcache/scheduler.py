@@ -51,7 +51,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_adaptive.kvcache.budget import BudgetRule
-from vllm_adaptive.kvcache.config import SCORED_BY_QUERIES, KVCompactionConfig
+from vllm_adaptive.kvcache.config import ACCUMULATED, SCORED_BY_QUERIES, KVCompactionConfig
 from vllm_adaptive.kvcache.params import parse_request, request_policy
 from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
 from vllm_adaptive.worker_metrics import KVCACHE, SnapshotPublisher
@@ -154,7 +154,9 @@ class CompactingScheduler(Scheduler):
         output = super().schedule(throttle_prefills)
         for rid in output.preempted_req_ids or ():
             compact.pop(rid, None)  # its blocks are gone: nothing to move
-        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), self._observed()))
+        accumulate = tuple(r.request_id for r in self.running if self._kv_policies.get(r.request_id) in ACCUMULATED)
+        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), self._observed(),
+                                               accumulate))
         return output
 
     def _observed(self) -> dict[str, int]:

@@ -85,6 +85,9 @@ class StepCapture:
     head_size: int
     tokens: int
     rows: list[tuple[QueryRing, torch.Tensor, torch.Tensor, torch.Tensor]]
+    # Per accumulating (h2o) request: its mass buffer, its rows in this step, its block ids and
+    # its physical length once this step's tokens are in the cache.
+    accumulate: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -96,6 +99,10 @@ class WorkerKV:
     # Requests whose queries are kept (this step's plan) and their rings.
     observe: dict[str, int] = dataclasses.field(default_factory=dict)
     rings: dict[str, QueryRing] = dataclasses.field(default_factory=dict)
+    # Requests whose attention mass is accumulated (h2o) and their mass [layers, KV heads, tokens]
+    # over their physical tokens (grown as they grow, compacted with their cache).
+    accumulate: tuple[str, ...] = ()
+    mass: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # Physical length each request kept at its last compaction (queries before it do not count).
     kept_at: dict[str, int] = dataclasses.field(default_factory=dict)
     compactions: int = 0
@@ -137,6 +144,8 @@ def before_update_states(runner: Any, scheduler_output: Any) -> None:
         del state.rings[req_id]  # finished, preempted or aborted: the plan lists every running one
     for req_id in [r for r in state.kept_at if r not in plan.evicted]:
         del state.kept_at[req_id]
+    for req_id in [r for r in state.mass if r not in plan.accumulate]:
+        del state.mass[req_id]
     for req_id, compaction in plan.compact.items():
         compact_request(runner, state, req_id, compaction)
         state.compactions += 1
@@ -145,6 +154,7 @@ def before_update_states(runner: Any, scheduler_output: Any) -> None:
         state.publisher.touch()
     state.offsets = dict(plan.evicted)
     state.observe = dict(plan.observe)
+    state.accumulate = plan.accumulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +219,15 @@ def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compa
     for (key, value), keep in zip(views, kept):
         compact_kv_(key, value, ids, keep, check_indices=False)
     state.kept_at[req_id] = compaction.keep
+    mass = state.mass.get(req_id)
+    if mass is not None:  # h2o: the accumulated mass follows its tokens (zero past the kept ones)
+        if compaction.policy == "h2o" and mass.shape[2] >= compaction.physical:
+            moved = torch.zeros_like(mass)
+            for layer, keep in zip(layers, kept):
+                moved[layer.index, :, : keep.shape[1]] = mass[layer.index].gather(1, keep.to(mass.device))
+            state.mass[req_id] = moved
+        else:
+            del state.mass[req_id]  # nothing to carry: scored compactions of it degrade from now
     keep_blocks = cdiv(compaction.keep, block_size)
     del block_ids[keep_blocks:]
     row = runner.input_batch.req_id_to_index.get(req_id)
@@ -226,7 +245,15 @@ def scored_selection(state: WorkerKV, req_id: str, compaction: Compaction, layer
     if compaction.policy == "keynorm":
         def scores_of(layer: CacheLayer, key: torch.Tensor) -> torch.Tensor:
             return keynorm_scores(gather_keys(key, ids, physical))
+    elif compaction.policy == "h2o":
+        mass = state.mass.get(req_id)
+        if mass is None or mass.shape[2] < physical:
+            raise RuntimeError("no attention mass was accumulated for it (is the attention backend vLLM's CPU one?)")
+
+        def scores_of(layer: CacheLayer, key: torch.Tensor) -> torch.Tensor:
+            return mass[layer.index, :, :physical]
     elif compaction.policy == "snapkv":
+
         queries = window_queries(state, req_id, physical)
 
         def scores_of(layer: CacheLayer, key: torch.Tensor) -> torch.Tensor:
@@ -260,10 +287,12 @@ def window_queries(state: WorkerKV, req_id: str, physical: int) -> torch.Tensor:
     return ring.queries.index_select(1, slots.to(ring.queries.device))
 
 
-def record_queries(layer: Any, query: torch.Tensor) -> None:
+def record_queries(layer: Any, query: torch.Tensor, kv_cache: torch.Tensor | None = None) -> None:
     """Copy this step's observed rows of `query` (one attention layer's post-RoPE queries
-    [tokens, q_heads, head_size] or [tokens, q_heads * head_size]) into their rings; called by
-    the kv-compaction-queries patch on every attention forward."""
+    [tokens, q_heads, head_size] or [tokens, q_heads * head_size]) into their rings, and add
+    the attention mass of accumulating requests' rows over their keys in `kv_cache` (this
+    step's keys are already written); called by the kv-compaction-queries patch on every
+    attention forward."""
     capture = _CAPTURE
     if capture is None:
         return
@@ -275,6 +304,13 @@ def record_queries(layer: Any, query: torch.Tensor) -> None:
         ring.queries[index].index_copy_(0, slots, q.index_select(0, rows).to(ring.queries.dtype))
         if index == 0:
             ring.positions.index_copy_(0, slots.cpu(), positions)
+    if capture.accumulate:
+        if kv_cache is None:
+            raise RuntimeError("accumulating attention mass needs the layer's KV cache")
+        key, _ = kv_views(kv_cache, "cpu" if kv_cache.device.type == "cpu" else "flash")
+        scale = float(layer.impl.scale)
+        for mass, rows, ids, length in capture.accumulate:
+            window_attention_mass(q.index_select(0, rows), key, ids, length, scale, out=mass[index, :, :length])
 
 
 def stop_capture() -> None:
@@ -284,12 +320,12 @@ def stop_capture() -> None:
     capture, _CAPTURE = _CAPTURE, None
     for ring, _, slots, _ in capture.rows if capture is not None else ():
         ring.positions[slots.cpu()] = -1  # layer 0 may have recorded them: not all layers did
+    for mass, *_ in capture.accumulate if capture is not None else ():
+        mass.fill_(float("nan"))  # some layers added this step's mass, others did not
 
 
 def plan_capture(runner: Any, state: WorkerKV, total: int) -> StepCapture | None:
     """This step's rows of the observed requests (their last `window` tokens each)."""
-    if not state.observe:
-        return None
     batch = runner.input_batch
     starts = runner.query_start_loc.np
     names = runner.kv_cache_config.kv_cache_groups[0].layer_names
@@ -314,9 +350,29 @@ def plan_capture(runner: Any, state: WorkerKV, total: int) -> StepCapture | None
         positions = torch.arange(first, first + count, dtype=torch.int64)
         rows.append((ring, torch.arange(end - count, end, device=device), (positions % window).to(device),
                      positions))
-    if not rows:
+    accumulate = []
+    for req_id in state.accumulate:
+        row = batch.req_id_to_index.get(req_id)
+        if row is None or row >= batch.num_reqs:
+            continue
+        start, end = int(starts[row]), int(starts[row + 1])
+        if end <= start:
+            continue
+        length = int(batch.num_computed_tokens_cpu[row]) + (end - start) - state.offsets.get(req_id, 0)
+        (block_ids,) = runner.requests[req_id].block_ids
+        num_kv_heads = int(layer.impl.num_kv_heads)
+        mass = state.mass.get(req_id)
+        if mass is None or mass.shape[2] < length:
+            grown = torch.zeros(len(names), num_kv_heads, max(length, 2 * (0 if mass is None else mass.shape[2])),
+                                dtype=torch.float32, device=device)
+            if mass is not None:
+                grown[:, :, : mass.shape[2]] = mass
+            mass = state.mass[req_id] = grown
+        accumulate.append((mass, torch.arange(start, end, device=device),
+                           torch.tensor(block_ids, dtype=torch.int64, device=device), length))
+    if not rows and not accumulate:
         return None
-    return StepCapture({name: i for i, name in enumerate(names)}, head_size, total, rows)
+    return StepCapture({name: i for i, name in enumerate(names)}, head_size, total, rows, accumulate)
 
 
 def after_prepare_inputs(runner: Any, scheduler_output: Any) -> None:
@@ -326,7 +382,7 @@ def after_prepare_inputs(runner: Any, scheduler_output: Any) -> None:
     state: WorkerKV | None = getattr(runner, STATE_ATTRIBUTE, None)
     if state is None:
         return
-    if state.observe:
+    if state.observe or state.accumulate:
         _CAPTURE = plan_capture(runner, state, scheduler_output.total_num_scheduled_tokens)
     if not state.offsets:
         return
