@@ -136,6 +136,7 @@ class Cell:
     refused: int
     scored: int  # compactions whose selection came from the policy's scores (the workers' count)
     degraded: int  # compactions of a scored policy that fell back to streaming
+    preemptions: int  # requests vLLM preempted (recomputed from scratch) during the cell
     seconds: float
     answers: list[str | None] = dataclasses.field(repr=False)
 
@@ -148,10 +149,23 @@ def _worker_kv(worker: Any) -> dict[str, int]:
     return state.snapshot() if state is not None else {"scored": 0, "degraded": 0}
 
 
+def count_preemptions(scheduler: Any) -> None:
+    """Count the scheduler's preemptions in `scheduler.kv_recall_preemptions` (this instance only)."""
+    preempt = scheduler._preempt_request
+    scheduler.kv_recall_preemptions = 0
+
+    def counting(request: Any, *args: Any, **kwargs: Any) -> None:
+        scheduler.kv_recall_preemptions += 1
+        preempt(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting
+
+
 def _counters(llm: Any, scheduler: Any) -> dict[str, int]:
     workers = llm.collective_rpc(_worker_kv)
     return {**scheduler.kv_snapshot(), "scored": sum(w["scored"] for w in workers),
-            "degraded": sum(w["degraded"] for w in workers)}
+            "degraded": sum(w["degraded"] for w in workers),
+            "preemptions": scheduler.kv_recall_preemptions}
 
 
 def queried_pair_index(ids: Sequence[int]) -> int | None:
@@ -228,7 +242,7 @@ def run_cell(llm: Any, scheduler: Any, setup: Setup, protocol: str, policy: str,
     return Cell(protocol, policy if rule is not None else "-", budget.label, budget.value, n, correct, correct / n, same,
                 pair_kept, delta["compactions"], delta["tokens_held"], delta["tokens_kept"],
                 delta["tokens_evicted"], delta["blocks_freed"], delta["refused"], delta["scored"],
-                delta["degraded"], seconds, answers)
+                delta["degraded"], delta["preemptions"], seconds, answers)
 
 
 def open_engine(model_path: str, kv_cache_bytes: int, dtype: str, max_model_len: int) -> Any:
@@ -272,6 +286,7 @@ def run_benchmark(model_path: str, *, n: int = DEFAULT_N, seed: int = EVAL_SEED,
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         if not hasattr(scheduler, "kv_snapshot"):
             raise RuntimeError(f"the engine runs {type(scheduler).__name__}, not the compacting scheduler")
+        count_preemptions(scheduler)
         setup = prepare(llm.get_tokenizer(), n, seed)
         longest = max(map(len, setup.prompt_ids))
         if longest + setup.answer_tokens + 1 > llm.model_config.max_model_len:
@@ -313,7 +328,8 @@ def run_benchmark(model_path: str, *, n: int = DEFAULT_N, seed: int = EVAL_SEED,
 
 def _progress(cell: Cell) -> None:
     print(f"kv_recall: {cell.protocol} {cell.policy} {cell.budget}: accuracy {cell.accuracy:.2f}, "
-          f"{cell.tokens_evicted} tokens evicted, {cell.degraded} degraded, {cell.seconds:.0f} s",
+          f"{cell.tokens_evicted} tokens evicted, {cell.degraded} degraded, {cell.preemptions} preempted, "
+          f"{cell.seconds:.0f} s",
           file=sys.stderr, flush=True)
 
 
@@ -332,7 +348,7 @@ def _git_state() -> dict[str, Any] | None:
 
 
 TABLE_COLUMNS = ("protocol", "policy", "budget", "kept / request", "accuracy", "same answer as full",
-                 "pair kept (streaming)", "tokens evicted", "blocks freed", "degraded", "seconds")
+                 "pair kept (streaming)", "tokens evicted", "blocks freed", "degraded", "preemptions", "seconds")
 
 
 def format_table(cells: Sequence[Cell]) -> str:
@@ -340,7 +356,8 @@ def format_table(cells: Sequence[Cell]) -> str:
         kept = f"{c.tokens_kept / c.compactions:.0f}" if c.compactions else "-"
         pair = "-" if c.pair_kept is None else f"{c.pair_kept:.2f}"
         return [c.protocol, c.policy, c.budget, kept, f"{c.accuracy:.2f}", f"{c.same_as_full:.2f}", pair,
-                str(c.tokens_evicted), str(c.blocks_freed), str(c.degraded), f"{c.seconds:.0f}"]
+                str(c.tokens_evicted), str(c.blocks_freed), str(c.degraded), str(c.preemptions),
+                f"{c.seconds:.0f}"]
 
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
              "|" + "|".join("---" if i < 3 else "--:" for i in range(len(TABLE_COLUMNS))) + "|"]

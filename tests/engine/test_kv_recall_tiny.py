@@ -47,7 +47,7 @@ def test_every_cell_is_scored_and_counts_its_evictions(report: Report) -> None:
     for cell in report.cells:
         assert cell.n == N and 0 <= cell.correct <= N and cell.accuracy == cell.correct / N
         assert len(cell.answers) == N and 0.0 <= cell.same_as_full <= 1.0 and cell.seconds > 0
-        assert cell.refused == 0 and cell.degraded == 0
+        assert cell.refused == 0 and cell.degraded == 0 and cell.preemptions >= 0
         if cell.budget == "full":
             assert cell.kv_budget is None and cell.same_as_full == 1.0
             assert (cell.compactions, cell.tokens_held, cell.tokens_evicted, cell.blocks_freed,
