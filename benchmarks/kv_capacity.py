@@ -1,7 +1,7 @@
 """KV-cache compaction capacity (issue #18): how many long-prompt requests run at once in a fixed
 KV pool, with and without compaction.
 
-    python -m benchmarks.kv_capacity                 # the shipped target, 32 recall prompts of ~1024 tokens
+    python -m benchmarks.kv_capacity     # the shipped target: 32 recall prompts of ~1024 tokens, 256-512 new tokens
 
 What it measures. One engine (vLLM's CPU engine, engine core in this process so that its
 scheduler and block pool can be read) with `kvcache.enabled: true` and a fixed pool of
@@ -36,7 +36,11 @@ vLLM admits a request only once its whole prompt fits in the free blocks
 nothing for the growth of the requests already running, so those preempt the newest when the
 pool runs out. Compaction happens after the last prompt chunk: every request needs its full
 prompt's blocks once, and the capacity comes from the requests already compacted. Prefix caching
-is off (the arms share prompts; neither may reuse the other's blocks).
+is off (the arms share prompts; neither may reuse the other's blocks). The default outputs are
+long (256-512 tokens, 8-16 blocks of growth a request) because that growth is what makes vLLM
+preempt: with short outputs (e.g. --min-tokens 48 --max-tokens 96: at most 3 blocks) a pool
+holding whole requests is never overrun by the `off` arm, which then hardly preempts at all,
+while a compacted request never holds more than budget + buffer tokens, however long it runs.
 
 The issue's line, checked in the footer: with compaction to 1/4 of the prompt, at least 2.5x as
 many requests run at once (peak running, on over off) and fewer preemptions than without it.
@@ -67,10 +71,10 @@ from vllm_adaptive.kvcache.scheduler import CompactingScheduler
 
 DEFAULT_REQUESTS = 32
 DEFAULT_PROMPT_TOKENS = 1024
-DEFAULT_MAX_TOKENS = 96
-DEFAULT_MIN_TOKENS = 48
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_MIN_TOKENS = 256
 DEFAULT_BUDGET = 0.25
-DEFAULT_POOL_REQUESTS = 5.5
+DEFAULT_POOL_REQUESTS = 5.0
 BLOCK_SIZE = 32
 MAX_NUM_BATCHED_TOKENS = 512
 KV_CACHE_BYTES = 256 << 20  # what vLLM profiles against; the pool itself is --blocks
@@ -136,12 +140,15 @@ class Arm:
     preemptions: int
     vllm_preemptions: int  # vLLM's own counter (vllm:num_preemptions), a cross-check
     compactions: int
+    scored: int  # worker: compactions whose kept tokens came from the policy's scores
+    degraded: int  # worker: scored compactions that fell back to streaming
     blocks_freed: int
     tokens_evicted: int
     free_blocks_start: int
     free_blocks_end: int
     min_free_blocks: int
     empty_outputs: int
+    load_average: tuple[float, float]  # the machine's 1-minute load average before and after
     tokens: list[list[int]]
     steps: list[Step]
 
@@ -161,6 +168,8 @@ def run_arm(llm: Any, name: str, prompts: Sequence[list[int]], lengths: Sequence
     before = dataclasses.replace(scheduler.kv_counters)
     scheduler.steps = []
     vllm_before = vllm_preemptions(llm)
+    worker_before = worker_counters(llm)
+    load_before = os.getloadavg()[0]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=extra_args) for n in lengths]
     began = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
@@ -170,6 +179,7 @@ def run_arm(llm: Any, name: str, prompts: Sequence[list[int]], lengths: Sequence
         raise PoolLeakError(f"arm {name}: the pool had {start} free blocks before and {end} after "
                             f"(eviction state left: {len(scheduler.kv_evicted)} requests)")
     steps = [dataclasses.replace(s, at=s.at - began) for s in scheduler.steps]
+    worker_after = worker_counters(llm)
     after = scheduler.kv_counters
     return Arm(
         name=name, requests=len(prompts), seconds=seconds, engine_steps=len(steps),
@@ -181,11 +191,14 @@ def run_arm(llm: Any, name: str, prompts: Sequence[list[int]], lengths: Sequence
         preemptions=sum(s.preempted for s in steps),
         vllm_preemptions=vllm_preemptions(llm) - vllm_before,
         compactions=after.compactions - before.compactions,
+        scored=worker_after["scored"] - worker_before["scored"],
+        degraded=worker_after["degraded"] - worker_before["degraded"],
         blocks_freed=after.blocks_freed - before.blocks_freed,
         tokens_evicted=after.tokens_evicted - before.tokens_evicted,
         free_blocks_start=start, free_blocks_end=end,
         min_free_blocks=min((s.free_blocks for s in steps), default=start),
         empty_outputs=sum(not o.outputs[0].token_ids for o in outputs),
+        load_average=(load_before, os.getloadavg()[0]),
         tokens=[list(o.outputs[0].token_ids) for o in outputs],
         steps=steps,
     )
@@ -194,6 +207,19 @@ def run_arm(llm: Any, name: str, prompts: Sequence[list[int]], lengths: Sequence
 def vllm_preemptions(llm: Any) -> int:
     return round(sum(float(m.value) for m in llm.get_metrics()
                      if m.name.removesuffix("_total") == "vllm:num_preemptions"))
+
+
+def worker_kv_snapshot(worker: Any) -> dict[str, int]:
+    """The worker half's compaction counters (run on the worker by `collective_rpc`)."""
+    from vllm_adaptive.kvcache.worker import STATE_ATTRIBUTE
+
+    state = getattr(worker.model_runner, STATE_ATTRIBUTE, None)
+    return state.snapshot() if state is not None else {"compactions": 0, "scored": 0, "degraded": 0}
+
+
+def worker_counters(llm: Any) -> dict[str, int]:
+    [snapshot] = llm.collective_rpc(worker_kv_snapshot)
+    return snapshot
 
 
 def scheduler_of(llm: Any) -> CapacityScheduler:
@@ -346,6 +372,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{'yes' if checks['fewer_preemptions'] else 'no'}")
         if checks["tokens_per_s_ratio"] is not None:
             lines.append(f"- generated tokens/s on/off: {checks['tokens_per_s_ratio']:.2f}x")
+    if "on" in arms and settings["policy"] != "streaming":
+        on = arms["on"]
+        lines.append(f"- {settings['policy']}: {on['scored']} compactions scored, {on['degraded']} fell back "
+                     "to streaming")
     return "\n".join(lines)
 
 
