@@ -64,11 +64,15 @@ def test_a_locust_load_with_compaction_gives_every_block_back(kv_server: Server,
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert summary["failed"] == 0 and summary["completed"] == REQUESTS
-    # The snapshot files are written by a background thread: wait for the last one.
-    deadline = time.monotonic() + 30
+    # The snapshot files (the scheduler's, the worker's) are written by background threads: wait
+    # for the last ones.
+    deadline = time.monotonic() + 60
     while True:
         figures = metrics(kv_server)
-        if figures.get("vllm_adaptive:kv_free_blocks") == POOL_BLOCKS - 1 or time.monotonic() > deadline:
+        settled = (figures.get("vllm_adaptive:kv_free_blocks") == POOL_BLOCKS - 1
+                   and figures.get("vllm_adaptive:kv_scored_compactions_total")
+                   == figures.get("vllm_adaptive:kv_compactions_total"))
+        if settled or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert figures["vllm_adaptive:kv_pool_blocks"] == POOL_BLOCKS - 1
