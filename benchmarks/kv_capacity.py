@@ -23,7 +23,7 @@ same engine:
   the deployment's default, 64) of new tokens.
 
 Per arm: peak and mean (over steps) running and generating requests, preemptions (and vLLM's
-own counter, which must agree), compactions, blocks freed (the scheduler's `kv_counters`),
+own counter, a cross-check), compactions, blocks freed (the scheduler's `kv_counters`),
 engine steps, generated tokens / wall time of the `generate` call (and on/off), and the pool's
 free blocks before and after: they must be equal (no block leaks), and the run stops with an
 error if not; every request of the `on` arm must have generated tokens. This is not a quality
@@ -372,6 +372,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{'yes' if checks['fewer_preemptions'] else 'no'}")
         if checks["tokens_per_s_ratio"] is not None:
             lines.append(f"- generated tokens/s on/off: {checks['tokens_per_s_ratio']:.2f}x")
+    loads = ", ".join(f"{name} {a['load_average'][0]:.1f}/{a['load_average'][1]:.1f}" for name, a in arms.items())
+    lines.append(f"- the machine's 1-minute load average before/after each arm: {loads} "
+                 f"({os.cpu_count()} CPUs; tokens/s are wall-clock)")
     if "on" in arms and settings["policy"] != "streaming":
         on = arms["on"]
         lines.append(f"- {settings['policy']}: {on['scored']} compactions scored, {on['degraded']} fell back "
