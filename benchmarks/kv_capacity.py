@@ -209,16 +209,10 @@ def vllm_preemptions(llm: Any) -> int:
                      if m.name.removesuffix("_total") == "vllm:num_preemptions"))
 
 
-def worker_kv_snapshot(worker: Any) -> dict[str, int]:
-    """The worker half's compaction counters (run on the worker by `collective_rpc`)."""
-    from vllm_adaptive.kvcache.worker import STATE_ATTRIBUTE
-
-    state = getattr(worker.model_runner, STATE_ATTRIBUTE, None)
-    return state.snapshot() if state is not None else {"compactions": 0, "scored": 0, "degraded": 0}
-
-
 def worker_counters(llm: Any) -> dict[str, int]:
-    [snapshot] = llm.collective_rpc(worker_kv_snapshot)
+    from vllm_adaptive.kvcache.worker import worker_snapshot
+
+    [snapshot] = llm.collective_rpc(worker_snapshot)
     return snapshot
 
 

@@ -141,14 +141,6 @@ class Cell:
     answers: list[str | None] = dataclasses.field(repr=False)
 
 
-def _worker_kv(worker: Any) -> dict[str, int]:
-    """A worker's compaction counters (vllm_adaptive.kvcache.worker), zeros before its first plan."""
-    from vllm_adaptive.kvcache.worker import STATE_ATTRIBUTE
-
-    state = getattr(worker.model_runner, STATE_ATTRIBUTE, None)
-    return state.snapshot() if state is not None else {"scored": 0, "degraded": 0}
-
-
 def count_preemptions(scheduler: Any) -> None:
     """Count the scheduler's preemptions in `scheduler.kv_recall_preemptions` (this instance only)."""
     preempt = scheduler._preempt_request
@@ -162,7 +154,9 @@ def count_preemptions(scheduler: Any) -> None:
 
 
 def _counters(llm: Any, scheduler: Any) -> dict[str, int]:
-    workers = llm.collective_rpc(_worker_kv)
+    from vllm_adaptive.kvcache.worker import worker_snapshot
+
+    workers = llm.collective_rpc(worker_snapshot)
     return {**scheduler.kv_snapshot(), "scored": sum(w["scored"] for w in workers),
             "degraded": sum(w["degraded"] for w in workers),
             "preemptions": scheduler.kv_recall_preemptions}

@@ -154,16 +154,22 @@ class CompactingScheduler(Scheduler):
         output = super().schedule(throttle_prefills)
         for rid in output.preempted_req_ids or ():
             compact.pop(rid, None)  # its blocks are gone: nothing to move
-        accumulate = tuple(r.request_id for r in self.running if self._kv_policies.get(r.request_id) in ACCUMULATED)
-        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), self._observed(),
-                                               accumulate))
+        observe, accumulate = self._workers_watch()
+        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), observe, accumulate))
         return output
 
-    def _observed(self) -> dict[str, int]:
-        """Running requests whose scored policy needs their last queries (KVPlan.observe)."""
-        window = self.kv_config.window
-        return {r.request_id: window for r in self.running
-                if self._kv_policies.get(r.request_id) in SCORED_BY_QUERIES}
+    def _workers_watch(self) -> tuple[dict[str, int], tuple[str, ...]]:
+        """Running requests whose policy needs their last queries (KVPlan.observe, with the
+        window) and those whose attention mass is accumulated (KVPlan.accumulate)."""
+        observe: dict[str, int] = {}
+        accumulate: list[str] = []
+        for request in self.running:
+            policy = self._kv_policies.get(request.request_id)
+            if policy in SCORED_BY_QUERIES:
+                observe[request.request_id] = self.kv_config.window
+            elif policy in ACCUMULATED:
+                accumulate.append(request.request_id)
+        return observe, tuple(accumulate)
 
     def _compact_running(self) -> dict[str, Compaction]:
         plan: dict[str, Compaction] = {}

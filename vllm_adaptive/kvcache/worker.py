@@ -132,6 +132,13 @@ def worker_state(runner: Any) -> WorkerKV:
     return state
 
 
+def worker_snapshot(worker: Any) -> dict[str, int]:
+    """A vLLM worker's compaction counters (`WorkerKV.snapshot`; zeros before its first plan),
+    for `LLM.collective_rpc` in offline runs."""
+    state = getattr(worker.model_runner, STATE_ATTRIBUTE, None)
+    return (state if state is not None else WorkerKV()).snapshot()
+
+
 def before_update_states(runner: Any, scheduler_output: Any) -> None:
     """Run the step's plan (module docstring, 1-3); nothing without one."""
     global _CAPTURE
@@ -282,7 +289,7 @@ def window_queries(state: WorkerKV, req_id: str, physical: int) -> torch.Tensor:
     last = int(ring.positions.max())
     wanted = torch.arange(last - count + 1, last + 1)
     slots = wanted % ring.window
-    if count < 1 or not torch.equal(ring.positions[slots], wanted):
+    if count < 1 or last - count + 1 < 0 or not torch.equal(ring.positions[slots], wanted):
         raise RuntimeError(f"its ring does not hold its last {count} queries")
     return ring.queries.index_select(1, slots.to(ring.queries.device))
 
