@@ -18,9 +18,12 @@ Two protocols (--protocols):
   sampled the first output token from the full cache. The value is one token, so the answer is
   written before any compaction: only the newline after it sees the compacted cache.
 - `key-after`: the prompt without its final `key=` token; a logits processor (ForceFirstToken)
-  makes that token the first output. The compaction then runs before the model has seen which
-  key is asked (it cannot be in a scorer's observation window, e.g. SnapKV's last queries), and
-  the value is written from the compacted cache. The forced token is removed before scoring.
+  makes that token the first output. The compaction runs in the step that computes that token,
+  and the value is written from the compacted cache. `snapkv`'s observation window ends with
+  that step's own query (vllm_adaptive.kvcache.worker, "The step's own query"), so the question
+  is in its window, as in SnapKV's setting (the question closes the prompt); `h2o`'s and
+  `keynorm`'s scores and `streaming`'s window are fixed before the model sees which key is
+  asked. The forced token is removed before scoring.
 
 `pair kept` is, for the streaming policy only, the share of prompts whose queried pair (its `key=`
 and value tokens) is among the kept tokens (the first `sinks` and the most recent); scored

@@ -10,10 +10,14 @@ attention as an opaque custom op (`unified_attention_with_output`), which calls
 `self.impl.forward(layer, query, ...)` eagerly at every step with the post-RoPE queries
 [tokens, q_heads, head_size]; before vLLM's method, `vllm_adaptive.kvcache.worker.record_queries`
 copies the rows `after_prepare_inputs` listed for this step (nothing, after reading one module
-global, when no request has a query-scored policy). A failure there is logged, counted and
-stops the recording for the step: the attention itself always runs. Applied when
+global, when no request has a query-scored policy); then `compact_in_layer` runs this step's
+SnapKV compactions for this layer (their window ends with the step's own query; see the worker's
+docstring), before vLLM's attention reads the cache. A failure in the recording is logged and
+stops it for the step; one in the compaction falls back to the streaming selection (logged,
+counted): the attention itself always runs. Applied when
 vllm.v1.attention.backends.cpu_attn is imported. Other backends (FlashAttention on GPU) are not
-wrapped: a SnapKV compaction there falls back to the streaming selection, counted as degraded.
+wrapped: a SnapKV compaction there falls back to the streaming selection, counted as degraded
+(`IN_LAYER_HOOK`, set when the wrapper is made, tells the worker whether layers compact).
 
 Removal plan: when vLLM's attention layer exposes the step's queries, or a scoring hook, to
 plugins (sparse KV RFC, vLLM #5751; KVPress, #10491).
@@ -48,7 +52,14 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
                 logger.exception("vllm-adaptive: recording queries for KV compaction failed; "
                                  "scored compactions of this step's requests fall back to streaming")
                 worker.stop_capture()
+        if worker._DEFERRED:
+            try:
+                worker.compact_in_layer(layer, query, key)
+            except Exception:  # noqa: BLE001 - never into the forward pass
+                logger.exception("vllm-adaptive: a KV compaction inside the attention layer failed")
         return original(self, layer, query, key, value, kv_cache, *args, **kwargs)
+
+    worker.IN_LAYER_HOOK = True
 
     return forward
 

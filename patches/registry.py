@@ -241,6 +241,26 @@ PATCHES: tuple[PatchSpec, ...] = (
         contract_on_import=True,
     ),
     PatchSpec(
+        name="kv-compaction-reports",
+        module="gpu_model_runner_sample_tokens",
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens",
+        stage="general_plugin",
+        why=(
+            "KV compaction's entropy budget rule (issue #18) needs the workers' measure of each "
+            "request's window attention in the scheduler, which frees the blocks; the step's "
+            "ModelRunnerOutput is the only thing vLLM returns from the workers to the scheduler."
+        ),
+        how=(
+            "Wrap the method on the class: after vLLM's, vllm_adaptive.kvcache.worker.attach_reports "
+            "sets an attribute of the returned ModelRunnerOutput (never vLLM's shared empty one) to "
+            "the step's reports; CompactingScheduler.update_from_output reads it. Without reports the "
+            "wrapper reads one attribute. Applied when vllm.v1.worker.gpu_model_runner is imported."
+        ),
+        upstream="vLLM #16160 (R-KV) proposed a per-request field on ModelRunnerOutput; not merged.",
+        removal="When ModelRunnerOutput carries plugin data per request, or the scheduler can read worker state.",
+        contract_on_import=True,
+    ),
+    PatchSpec(
         name="kv-compaction-queries",
         module="cpu_attention_forward",
         target="vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
@@ -254,7 +274,9 @@ PATCHES: tuple[PatchSpec, ...] = (
             "Wrap the method on the class (the attention op is opaque to torch.compile, so it runs "
             "eagerly every step): vllm_adaptive.kvcache.worker.record_queries copies the rows the "
             "step listed (the last window tokens of requests with a query-scored policy) into their "
-            "rings, then vLLM's method runs. Without such requests the wrapper reads one global. "
+            "rings, vllm_adaptive.kvcache.worker.compact_in_layer runs the step's SnapKV compactions "
+            "for this layer (window ending with the step's own query, from a copy of the request's "
+            "blocks), then vLLM's method runs. Without such requests the wrapper reads two globals. "
             "Applied when vllm.v1.attention.backends.cpu_attn is imported."
         ),
         upstream="vLLM #5751 (sparse KV cache RFC) and #10491 (KVPress) are open; no query hook exists.",

@@ -10,10 +10,13 @@ tokens each layer and KV head keeps (its policy):
 - `streaming`: the first `sinks` tokens of the cache and its last budget - sinks;
 - `snapkv`: the first `sinks`, the last `window`, and between them the tokens with the highest
   pooled score, ties to the earlier token. A token's score is the attention probability it got
-  from the queries of the last min(window, tokens added since the last compaction) tokens,
-  summed over those queries and over the KV head's query heads, as transformers' eager
-  attention reports it (`output_attentions`), then max-pooled over a centred window of
-  `pool` tokens (cut at the ends);
+  from the queries of the last min(window, tokens added since the last compaction + 1) tokens,
+  summed over those queries and over the KV head's query heads, then max-pooled over a centred
+  window of `pool` tokens (cut at the ends). The earlier queries' probabilities are transformers'
+  eager attention's (`output_attentions`); the last query is the token being computed: each
+  layer cuts its cache just before its attention runs (a forward pre-hook), from that token's
+  query and key in this layer (computed from the layer's input, so layers before it already
+  attend to their cut caches) over the cached keys and itself;
 - `h2o`: the same, scored (without pooling) by the attention probability each cached token got
   from every query the request ran since its (re)computation started, summed over the KV head's
   query heads; a kept token keeps its sum, the evicted ones' sums are gone;
@@ -22,6 +25,7 @@ tokens each layer and KV head keeps (its policy):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,25 +78,81 @@ def _window_mass(rows: list[tuple[torch.Tensor, ...]], length: int, window: int,
     return layers
 
 
+def _snapkv_in_layer(in_layer: dict, kv_heads: int, sinks: int, window: int, pool: int):
+    """A forward pre-hook for a Llama attention module: while `in_layer["job"]` is set, cut that
+    layer's cache to the SnapKV selection whose window ends with the token being computed (its
+    query and key from the layer's input, its attention over the cached keys and itself)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        job = in_layer["job"]
+        if job is None:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        shape = (*hidden.shape[:-1], -1, module.head_dim)
+        query = module.q_proj(hidden).view(shape).transpose(1, 2)
+        key = module.k_proj(hidden).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        layer = job["cache"].layers[module.layer_idx]
+        keys = torch.cat([layer.keys, key], dim=2)  # [1, kv_heads, physical + 1, head_dim]
+        group = query.shape[1] // keys.shape[1]
+        logits = torch.matmul(query, keys.repeat_interleave(group, dim=1).transpose(2, 3)) * module.scaling
+        current = torch.softmax(logits.float(), dim=-1)[0, :, 0, :]  # [q_heads, physical + 1]
+        physical = job["physical"]
+        rows = [(row[module.layer_idx],) for row in job["rows"]] + [(current,)]
+        (mass,) = _window_mass(rows, physical + 1, window, kv_heads)
+        kept = _select(_max_pool(mass[:, :physical], pool), physical, job["budget"], sinks, window)
+        index = kept[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
+        layer.keys = torch.gather(layer.keys, 2, index)
+        layer.values = torch.gather(layer.values, 2, index)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # built for the uncut cache: the kept keys and the new one
+            kwargs = {**kwargs, "attention_mask": mask[..., : job["budget"] + 1]}
+        return args, kwargs
+
+    return hook
+
+
+def _entropy_budget(rows: list[tuple[torch.Tensor, ...]], length: int, window: int, kv_heads: int,
+                    multiplier: float, sinks: int) -> int:
+    """ceil(multiplier x the largest exp(entropy) over layers and KV heads of the last `window`
+    rows' attention mass, normalised) + sinks + window, at least sinks + window."""
+    largest = 0.0
+    for mass in _window_mass(rows, length, window, kv_heads):
+        p = mass / mass.sum(dim=1, keepdim=True)
+        entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(dim=1)
+        largest = max(largest, float(torch.exp(entropy).max()))
+    return max(math.ceil(multiplier * largest) + sinks + window, sinks + window)
+
+
 def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_tokens: int,
                      budgets: Sequence[int | None], sinks: int, buffer: int,
                      preempted_at: Sequence[Sequence[int]] | None = None,
-                     policies: Sequence[str] | None = None, window: int = 8, pool: int = 7) -> list[list[int]]:
+                     policies: Sequence[str] | None = None, window: int = 8, pool: int = 7,
+                     entropy: Sequence[float | None] | None = None) -> list[list[int]]:
     """Greedy tokens of each prompt; `budgets[i]` None: never compacted. `preempted_at[i]`: the
     numbers of generated tokens at which request i was preempted: its cache is dropped there and
     rebuilt by one prefill of prompt + every generated token (as vLLM recomputes a preempted
     request), and its budget is fixed again from that length. `policies[i]` (default streaming):
-    the selection (module docstring)."""
+    the selection (module docstring). `entropy[i]`, a multiplier: request i's budget is
+    `_entropy_budget` of the window after its prompt (or recomputation), known one token later:
+    it is compacted before its second token is computed (`budgets[i]` is then ignored)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     kv_heads = model.config.num_key_value_heads
+    in_layer: dict[str, dict | None] = {"job": None}
+    for block in model.model.layers:
+        block.self_attn.register_forward_pre_hook(_snapkv_in_layer(in_layer, kv_heads, sinks, window, pool),
+                                                  with_kwargs=True)
     results = []
     preemptions = preempted_at or [()] * len(prompts)
     with torch.no_grad():
-        for prompt, tokens_kept, preempted, policy in zip(prompts, budgets, preemptions,
-                                                          policies or ["streaming"] * len(prompts)):
-            scored = policy != "streaming"
+        for prompt, tokens_kept, preempted, policy, multiplier in zip(
+                prompts, budgets, preemptions, policies or ["streaming"] * len(prompts),
+                entropy or [None] * len(prompts)):
+            scored = policy != "streaming" or multiplier is not None
 
             def grouped(probs: torch.Tensor) -> torch.Tensor:  # [q_heads, T] -> [kv_heads, T], float64
                 return probs.double().reshape(kv_heads, -1, probs.shape[-1]).sum(dim=1)
@@ -101,7 +161,7 @@ def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_toke
                 nonlocal heavy
                 out = model(input_ids=torch.tensor([ids]), use_cache=True, output_attentions=scored)
                 rows = []
-                if policy == "snapkv":  # each position's attention row, per layer
+                if policy == "snapkv" or multiplier is not None:  # each position's attention row, per layer
                     rows = [tuple(a[0, :, i, : i + 1] for a in out.attentions) for i in range(len(ids))]
                 if policy == "h2o":  # every query's attention, summed, per layer
                     heavy = [grouped(a[0].sum(dim=1)) for a in out.attentions]
@@ -114,40 +174,52 @@ def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_toke
             logical = physical = len(prompt)
 
             def budget_for(length: int) -> int | None:
+                if multiplier is not None:
+                    return None  # measured at the next step
                 return None if tokens_kept is None else max(tokens_kept, sinks + 1)
 
             budget = budget_for(len(prompt))
+            measure = multiplier is not None
             compacted_once = False
             while len(generated) < max_tokens:
                 if len(generated) in preempted:
                     cache, token, rows = prefill([*prompt, *generated])
                     logical = physical = len(prompt) + len(generated)
-                    budget, compacted_once = budget_for(physical), False
+                    budget, compacted_once, measure = budget_for(physical), False, multiplier is not None
                     generated.append(token)
                     continue
-                if budget is not None:
+                due = False
+                if measure:  # this step measures the window; the budget applies from the next
+                    budget = _entropy_budget(rows, physical, window, kv_heads, multiplier, sinks)
+                    measure = False
+                elif budget is not None:
                     due = budget < physical if not compacted_once else physical >= budget + buffer
                     compacted_once = True
-                    if due and not scored:
+                    if due and policy == "streaming":
                         _keep_rows(cache, [*range(sinks), *range(physical - (budget - sinks), physical)])
                     elif due:
-                        if policy == "snapkv":
-                            masses = _window_mass(rows, physical, window, kv_heads)
+                        if policy == "snapkv":  # inside each layer, during the next forward pass
+                            in_layer["job"] = {"cache": cache, "rows": rows, "physical": physical,
+                                               "budget": budget}
                         elif policy == "h2o":
                             masses = heavy
                         else:
                             masses = [-torch.linalg.vector_norm(layer.keys[0].double(), dim=-1) for layer in cache.layers]
-                        kept = [_select(_max_pool(m, pool) if policy == "snapkv" else m, physical, budget, sinks, window)
-                                for m in masses]
-                        _keep_per_head(cache, kept)
+                        if policy != "snapkv":
+                            kept = [_select(m, physical, budget, sinks, window) for m in masses]
+                            _keep_per_head(cache, kept)
                         heavy = [m.gather(1, k) for m, k in zip(heavy, kept)] if policy == "h2o" else heavy
                         rows = []
-                    if due:
-                        physical = budget
+                # The mask covers the cache as the forward pass starts (an in-layer compaction
+                # cuts it with the cache).
+                mask_length = physical + 1 if in_layer["job"] is not None or not due else budget + 1
+                if due:
+                    physical = budget
                 out = model(input_ids=torch.tensor([[generated[-1]]]), position_ids=torch.tensor([[logical]]),
-                            attention_mask=torch.ones(1, physical + 1, dtype=torch.long),
+                            attention_mask=torch.ones(1, mask_length, dtype=torch.long),
                             past_key_values=cache, use_cache=True, output_attentions=scored)
-                if policy == "snapkv":
+                in_layer["job"] = None
+                if policy == "snapkv" or multiplier is not None:
                     rows.append(tuple(a[0, :, 0, :] for a in out.attentions))
                 if policy == "h2o":
                     heavy = [torch.cat([m, torch.zeros(kv_heads, 1, dtype=m.dtype)], dim=1) + grouped(a[0, :, 0, :])

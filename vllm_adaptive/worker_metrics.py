@@ -385,6 +385,8 @@ def kvcache_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         ("kv_blocks_freed", "blocks_freed", "KV cache blocks given back to vLLM's pool by compactions."),
         ("kv_refused", "refused", "Compactions not run: a kept block was shared, or the request's kv_* "
                                   "values reached the engine unchecked (served without compaction)."),
+        ("kv_unmeasured", "unmeasured", "Requests with kv_budget \"entropy\" whose window the workers could not "
+                                        "measure (served without compaction; the workers log why)."),
     ):
         family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
         family.add_metric([], total(key))
@@ -418,6 +420,8 @@ def kvworker_families(snapshots: list[dict[str, Any]]) -> Iterator[Any]:
         ("kv_scored_compactions", "scored", "Compactions whose kept tokens a scorer chose (snapkv, keynorm)."),
         ("kv_degraded", "degraded", "Compactions of a scored policy that fell back to the streaming selection "
                                     "(no queries recorded, or the scorer failed; logged)."),
+        ("kv_failed", "failed", "Compactions run inside the attention layers that did not reach every layer "
+                                "(that request's cache is stale; logged)."),
     ):
         family = CounterMetricFamily(f"vllm_adaptive:{name}", documentation)
         family.add_metric([], sum(int(s.get(key, 0)) for s in snapshots))

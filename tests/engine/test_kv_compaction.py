@@ -162,6 +162,51 @@ def test_a_failing_query_recorder_degrades_snapkv_to_streaming(
     assert state.degraded > degraded
 
 
+def test_entropy_budgets_come_from_the_workers_measure_of_the_window(engine: LLM, tiny_model: Path) -> None:
+    """kv_budget "entropy": the workers measure each request's window attention after its prompt
+    and report it on the step's output (patch kv-compaction-reports); the scheduler fixes the
+    budget from it and compacts one step later, with the request's policy. Greedy tokens equal
+    the reference decoder that computes the budget from transformers' attention probabilities."""
+    scheduler = scheduler_of(engine)
+    unmeasured = scheduler.kv_counters.unmeasured
+    compactions = scheduler.kv_counters.compactions
+    prompts = [prompt(18, 100), prompt(19, 110), prompt(20, 60)]
+    policies = ["streaming", "snapkv", "streaming"]
+    multipliers = [0.25, 0.5, None]
+    extras = [{"kv_budget": "entropy", "kv_entropy_multiplier": m, "kv_sinks": SINKS, "kv_buffer": BUFFER,
+               "kv_policy": p} if m is not None else None for p, m in zip(policies, multipliers)]
+    tokens, preempted = generate(engine, prompts, extras)
+    assert preempted == {}
+    budgets = [None] * 3
+    reference = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER, None, policies, WINDOW,
+                                 entropy=multipliers)
+    assert tokens == reference
+    assert scheduler.kv_counters.compactions >= compactions + 2 and scheduler.kv_counters.unmeasured == unmeasured
+    uncompacted = compacted_greedy(tiny_model, prompts, MAX_TOKENS, budgets, SINKS, BUFFER)
+    assert tokens[0] != uncompacted[0] and tokens[1] != uncompacted[1] and tokens[2] == uncompacted[2]
+
+
+def test_a_failing_in_layer_scorer_degrades_snapkv_to_streaming(
+    engine: LLM, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SnapKV's compaction runs inside the attention layers (its window ends with the step's own
+    query); a scorer that raises there still compacts every layer, with the streaming selection
+    from the copied blocks, counted and logged; the engine keeps serving."""
+    from vllm_adaptive.kvcache import worker
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("injected scorer failure")
+
+    state = worker_kv(engine)
+    degraded, failed = state.degraded, state.failed
+    monkeypatch.setattr(worker, "deferred_selection", broken)
+    prompts = [prompt(16, 100), prompt(17, 90)]
+    tokens, preempted = generate(engine, prompts, [{**COMPACT, "kv_policy": "snapkv"}, None])
+    assert preempted == {}
+    assert tokens == compacted_greedy(tiny_model, prompts, MAX_TOKENS, [BUDGET, None], SINKS, BUFFER)
+    assert state.degraded > degraded and state.failed == failed
+
+
 def test_without_compaction_or_below_its_budget_the_engine_is_plain_vllm(
     engine: LLM, tiny_model: Path, tmp_path: Path
 ) -> None:

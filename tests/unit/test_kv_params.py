@@ -28,6 +28,15 @@ def test_a_budget_in_tokens_or_as_a_share_of_the_prompt() -> None:
     assert parse_request({"kv_budget": 1}, CONFIG).tokens == 1
 
 
+def test_an_entropy_budget_takes_its_multiplier_and_keeps_the_window() -> None:
+    default = parse_request({"kv_budget": "entropy"}, KVCompactionConfig(enabled=True, window=16, entropy_multiplier=3))
+    assert (default.rule, default.multiplier, default.sinks, default.recent, default.min_tokens) == ("entropy", 3.0, 4, 16, 20)
+    sent = parse_request({"kv_budget": "entropy", "kv_entropy_multiplier": "1.5", "kv_sinks": 2}, CONFIG)
+    assert (sent.multiplier, sent.sinks, sent.recent) == (1.5, 2, 32)
+    # ceil(1.5 x 10.2) + sinks + window; never below the sinks and the window.
+    assert sent.target(500, effective=10.2) == 16 + 2 + 32 and sent.target(500, effective=0.0) == 34
+
+
 @pytest.mark.parametrize(("args", "key", "words"), [
     ({"kv_budget": 0}, "kv_budget", "integer >= 1"),
     ({"kv_budget": 2.5}, "kv_budget", "integer >= 1"),
@@ -37,6 +46,10 @@ def test_a_budget_in_tokens_or_as_a_share_of_the_prompt() -> None:
     ({"kv_budget": 40, "kv_buffer": 0}, "kv_buffer", "[1, 1048576]"),
     ({"kv_budget": 40, "kv_policy": "pyramid"}, "kv_policy", "['streaming', 'snapkv', 'h2o', 'keynorm']"),
     ({"kv_sinks": 4}, "kv_sinks", "needs kv_budget"),
+    ({"kv_budget": "Entropy"}, "kv_budget", "or \"entropy\", got 'Entropy'"),
+    ({"kv_budget": "entropy", "kv_entropy_multiplier": 0}, "kv_entropy_multiplier", "(0, 1000]"),
+    ({"kv_budget": "entropy", "kv_entropy_multiplier": "x"}, "kv_entropy_multiplier", "got 'x'"),
+    ({"kv_budget": 40, "kv_entropy_multiplier": 2}, "kv_entropy_multiplier", "applies to kv_budget \"entropy\" only"),
 ])
 def test_bad_values_name_the_key_the_range_and_the_value(args: dict, key: str, words: str) -> None:
     with pytest.raises(SamplerParamError) as raised:
@@ -50,6 +63,8 @@ def test_the_section_is_validated_at_start_up_naming_the_key() -> None:
         AdaptiveConfig.from_dict({"kvcache": {"sinks": -2}})
     with pytest.raises(ConfigError, match=r"kvcache\.policy must be one of \['streaming', 'snapkv', 'h2o', 'keynorm'\]"):
         AdaptiveConfig.from_dict({"kvcache": {"policy": "pyramid"}})
+    with pytest.raises(ConfigError, match=r"kvcache\.entropy_multiplier must be a number in \(0, 1000\], got -1"):
+        AdaptiveConfig.from_dict({"kvcache": {"entropy_multiplier": -1}})
     with pytest.raises(ConfigError, match="kvcache.enabled cannot be true together with routing.enabled"):
         AdaptiveConfig.from_dict({"kvcache": {"enabled": True}, "routing": {"enabled": True}})
 

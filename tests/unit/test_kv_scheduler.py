@@ -60,10 +60,13 @@ def request(rid: str, prompt_len: int, max_tokens: int = 200):  # noqa: ANN201
                    None, block_hasher=get_request_block_hasher(BLOCK, sha256))
 
 
-def step(scheduler):  # noqa: ANN001, ANN201
+def step(scheduler, reports=None):  # noqa: ANN001, ANN201
     """One engine step: schedule, then a model output with token 7 for every request that
-    finished its prompt this step or is decoding."""
+    finished its prompt this step or is decoding (and `reports`, the workers' entropy measures,
+    on it as patch kv-compaction-reports puts them)."""
     from vllm.v1.outputs import ModelRunnerOutput
+
+    from vllm_adaptive.kvcache.plan import REPORT_ATTRIBUTE
 
     output = scheduler.schedule()
     req_ids = list(output.num_scheduled_tokens)
@@ -74,6 +77,8 @@ def step(scheduler):  # noqa: ANN001, ANN201
     model_output = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                      sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
                                      pooler_output=[])
+    if reports is not None:
+        setattr(model_output, REPORT_ATTRIBUTE, reports)
     scheduler.update_from_output(output, model_output)
     return output
 
@@ -221,14 +226,38 @@ def test_finished_requests_leave_no_state_and_the_pool_returns_to_its_start(tiny
     assert scheduler.kv_evicted == {} and free_blocks(scheduler) == start
 
 
-def test_rules_that_need_the_workers_scores_are_refused(tiny_model: Path) -> None:
+def test_the_entropy_rule_compacts_one_step_after_the_workers_measure(tiny_model: Path) -> None:
+    """The first eligible step asks the workers to measure the window (KVPlan.measure, nothing
+    compacted); their report on that step's output fixes the budget, ceil(multiplier x effective
+    tokens) + sinks + recent, and the request is compacted at the next step; one they could not
+    measure is never compacted (counted)."""
+    import math
+
     class Entropy(CompactingScheduler):
         def budget_rule_of(self, request):  # noqa: ANN001, ANN201
-            return BudgetRule(rule="entropy", min_tokens=8, sinks=4, recent=4)
+            if not request.request_id.startswith("c"):
+                return None
+            return BudgetRule(rule="entropy", multiplier=2.0, min_tokens=8, sinks=4, recent=4, buffer=16)
 
     scheduler = make_scheduler(tiny_model, cls=Entropy)
-    with pytest.raises(ValueError, match="'entropy' cannot be decided by the scheduler"):
-        scheduler.add_request(request("c1", 100))
+    for rid in ("c1", "c2"):
+        scheduler.add_request(request(rid, 100))
+    first = getattr(step(scheduler), PLAN_ATTRIBUTE)  # both prompts prefilled
+    assert first.measure == {} and first.compact == {}
+    second = getattr(step(scheduler, reports={"c1": 10.4, "c2": None}), PLAN_ATTRIBUTE)
+    assert second.measure == {"c1": 100, "c2": 100} and second.compact == {}
+    assert set(second.observe) == {"c1", "c2"}  # the workers keep their queries for the measure
+    before = free_blocks(scheduler)
+    third = getattr(step(scheduler), PLAN_ATTRIBUTE)
+    budget = math.ceil(2.0 * 10.4) + 4 + 4
+    assert third.measure == {} and third.compact == {"c1": Compaction(101, budget, 4, "streaming", 0)}
+    # c1 went from ceil(101 / 16) blocks to ceil((budget + 1) / 16) with this step's token; c2
+    # grew into its next block.
+    assert free_blocks(scheduler) == before + cdiv(101, BLOCK) - cdiv(budget + 1, BLOCK) - (cdiv(102, BLOCK) - cdiv(101, BLOCK))
+    assert scheduler.kv_counters.unmeasured == 1
+    for _ in range(30):
+        plan = getattr(step(scheduler), PLAN_ATTRIBUTE)
+        assert "c2" not in plan.compact and plan.measure == {}
 
 
 def test_a_budget_above_the_prompt_compacts_only_once_the_request_grows_past_it(tiny_model: Path) -> None:

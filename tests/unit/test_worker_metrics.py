@@ -262,7 +262,7 @@ def test_kv_compaction_figures_of_two_engine_cores_are_summed(tmp_path: Path) ->
     from vllm_adaptive.worker_metrics import KVCACHE
 
     first = {"requests": 3, "compactions": 4, "tokens_held": 400, "tokens_kept": 100, "tokens_evicted": 300,
-             "blocks_freed": 9, "refused": 1, "free_blocks": 10, "pool_blocks": 12}
+             "blocks_freed": 9, "refused": 1, "unmeasured": 2, "free_blocks": 10, "pool_blocks": 12}
     second = {"requests": 1, "compactions": 1, "tokens_held": 100, "tokens_kept": 60, "tokens_evicted": 40,
               "blocks_freed": 1, "refused": 0, "free_blocks": 12, "pool_blocks": 12}
     for pid, payload in ((1, first), (2, second)):
@@ -273,6 +273,7 @@ def test_kv_compaction_figures_of_two_engine_cores_are_summed(tmp_path: Path) ->
     assert figures["vllm_adaptive:kv_tokens_evicted_total{}"] == 340
     assert figures["vllm_adaptive:kv_blocks_freed_total{}"] == 10
     assert figures["vllm_adaptive:kv_refused_total{}"] == 1
+    assert figures["vllm_adaptive:kv_unmeasured_total{}"] == 2
     assert figures["vllm_adaptive:kv_compression_ratio{}"] == pytest.approx(500 / 160)
     assert figures["vllm_adaptive:kv_free_blocks{}"] == 22 and figures["vllm_adaptive:kv_pool_blocks{}"] == 24
 
@@ -284,9 +285,10 @@ def test_no_kv_snapshot_means_no_kv_metrics(tmp_path: Path) -> None:
 def test_kv_selection_figures_of_the_workers_are_summed(tmp_path: Path) -> None:
     from vllm_adaptive.worker_metrics import KVWORKER
 
-    for pid, payload in ((1, {"compactions": 5, "scored": 4, "degraded": 1}),
-                         (2, {"compactions": 2, "scored": 2, "degraded": 0})):
+    for pid, payload in ((1, {"compactions": 5, "scored": 4, "degraded": 1, "failed": 0}),
+                         (2, {"compactions": 2, "scored": 2, "degraded": 0, "failed": 2})):
         (tmp_path / f"{KVWORKER}-{pid}.json").write_text(json.dumps(payload))
     figures = scrape(tmp_path)
     assert figures["vllm_adaptive:kv_scored_compactions_total{}"] == 6
     assert figures["vllm_adaptive:kv_degraded_total{}"] == 1
+    assert figures["vllm_adaptive:kv_failed_total{}"] == 2

@@ -58,12 +58,13 @@ class BudgetRule:
         if self.buffer < 1:
             raise ValueError(f"buffer must be an integer >= 1, got {self.buffer}")
 
-    def budget(self, length: int, mass: torch.Tensor | None = None) -> int:
+    def budget(self, length: int, mass: torch.Tensor | None = None, effective: float | None = None) -> int:
         """The tokens a request of `length` tokens keeps; `mass` [H, length] is the observation
-        window's attention mass per KV head (needed by the entropy rule only)."""
-        return min(self.target(length, mass), length)
+        window's attention mass per KV head, or `effective` the largest effective number of
+        tokens over its heads (layers included) (the entropy rule needs one of them)."""
+        return min(self.target(length, mass, effective), length)
 
-    def target(self, length: int, mass: torch.Tensor | None = None) -> int:
+    def target(self, length: int, mass: torch.Tensor | None = None, effective: float | None = None) -> int:
         """`budget` before it is capped at the length: what the request is compacted back to
         during decode, once it holds target + buffer tokens (a fixed budget above the prompt's
         length is only reached later, or never)."""
@@ -74,9 +75,13 @@ class BudgetRule:
         elif self.rule == "ratio":
             wanted = math.ceil(self.ratio * length)
         else:
-            if mass is None:
-                raise ValueError("the entropy budget rule needs the observation window's attention mass")
-            wanted = math.ceil(self.multiplier * float(effective_tokens(mass).max())) + self.sinks + self.recent
+            if effective is None:
+                if mass is None:
+                    raise ValueError("the entropy budget rule needs the observation window's attention mass")
+                effective = float(effective_tokens(mass).max())
+            if not (math.isfinite(effective) and effective >= 0):
+                raise ValueError(f"effective number of tokens must be finite and >= 0, got {effective}")
+            wanted = math.ceil(self.multiplier * effective) + self.sinks + self.recent
         return max(wanted, self.min_tokens)
 
     def compact_after_prompt(self, length: int, budget: int) -> bool:

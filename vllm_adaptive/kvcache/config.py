@@ -25,6 +25,7 @@ ACCUMULATED = ("h2o",)
 MAX_SINKS = 1024
 MAX_BUFFER = 1 << 20
 MAX_WINDOW = 1024
+MAX_ENTROPY_MULTIPLIER = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,10 @@ class KVCompactionConfig:
     # The scored policies' observation window: SnapKV scores tokens by the attention of the
     # request's last `window` queries; every scored selection also keeps the last `window` tokens.
     window: int = 32
+    # Default kv_entropy_multiplier: a request with kv_budget "entropy" keeps this many times the
+    # effective number of tokens (exp of the entropy) of its most spread-out KV head's window
+    # attention, plus the sinks and the window (vllm_adaptive.kvcache.budget).
+    entropy_multiplier: float = 2.0
 
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:
@@ -52,3 +57,7 @@ class KVCompactionConfig:
             raise ConfigError(f"buffer must be an integer in [1, {MAX_BUFFER}], got {shown(self.buffer)}")
         if not 1 <= self.window <= MAX_WINDOW:
             raise ConfigError(f"window must be an integer in [1, {MAX_WINDOW}], got {shown(self.window)}")
+        if not (isinstance(self.entropy_multiplier, (int, float)) and not isinstance(self.entropy_multiplier, bool)
+                and 0 < self.entropy_multiplier <= MAX_ENTROPY_MULTIPLIER):
+            raise ConfigError(f"entropy_multiplier must be a number in (0, {MAX_ENTROPY_MULTIPLIER:g}], "
+                              f"got {shown(self.entropy_multiplier)}")

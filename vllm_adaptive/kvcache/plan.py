@@ -14,6 +14,11 @@ from __future__ import annotations
 import dataclasses
 
 PLAN_ATTRIBUTE = "adaptive_kv"
+# The attribute of vLLM's ModelRunnerOutput that carries the workers' reports back (patch
+# kv-compaction-reports): request id -> the largest effective number of attended tokens over its
+# layers and KV heads (`budget.effective_tokens` of its window's attention), or None where the
+# workers could not measure it.
+REPORT_ATTRIBUTE = "adaptive_kv_reports"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +67,7 @@ class KVPlan:
     observe: dict[str, int] = dataclasses.field(default_factory=dict)
     # Running requests whose attention mass the workers accumulate (H2O), every running one.
     accumulate: tuple[str, ...] = ()
+    # Requests with the entropy budget rule whose window the workers measure this step (request
+    # id -> its physical length), before any forward pass; the answer comes back in the step's
+    # output (REPORT_ATTRIBUTE).
+    measure: dict[str, int] = dataclasses.field(default_factory=dict)

@@ -34,8 +34,12 @@ this class as `scheduler_cls`); requests opt in with `kv_budget` (vllm_adaptive.
 Settings it cannot run with stop the engine at start-up (vllm_adaptive.kvcache.compatibility).
 Which tokens are kept is the worker's choice (the request's policy rides on its `Compaction`;
 requests with a query-scored policy are listed in `KVPlan.observe` every step so that the
-workers keep their last queries). Not here yet (docs/dev/kv_compaction.md): the entropy budget
-rule, which needs the worker's attention scores (only `fixed` and `ratio` decide here).
+workers keep their last queries). The `entropy` budget rule needs the workers' attention: at a
+request's first eligible step the plan asks the workers to measure its window
+(`KVPlan.measure`), their answer comes back on that step's output (patch
+kv-compaction-reports, `update_from_output`), and the request's budget is fixed, and it is
+compacted, at the next step. A request the workers could not measure is never compacted
+(counted as `unmeasured`; nothing was freed for it).
 """
 
 from __future__ import annotations
@@ -53,13 +57,15 @@ from vllm.v1.request import Request
 from vllm_adaptive.kvcache.budget import BudgetRule
 from vllm_adaptive.kvcache.config import ACCUMULATED, SCORED_BY_QUERIES, KVCompactionConfig
 from vllm_adaptive.kvcache.params import parse_request, request_policy
-from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
+from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, REPORT_ATTRIBUTE, Compaction, KVPlan
 from vllm_adaptive.worker_metrics import KVCACHE, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
-# Budget rules the scheduler can decide from lengths alone.
-SCHEDULER_RULES = ("fixed", "ratio")
+# Budget rules the scheduler can decide: from lengths alone, or (entropy) from the workers' report.
+SCHEDULER_RULES = ("fixed", "ratio", "entropy")
+# The budget of a request whose window the workers could not measure: never compacted.
+NOT_COMPACTED = 1 << 62
 
 
 @dataclasses.dataclass
@@ -71,6 +77,7 @@ class CompactionCounters:
     tokens_evicted: int = 0
     blocks_freed: int = 0
     refused: int = 0  # a kept block was not writable, or the request's kv_* values were bad
+    unmeasured: int = 0  # entropy-rule requests the workers could not measure (served uncompacted)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -95,6 +102,10 @@ class CompactingScheduler(Scheduler):
         self.kv_counters = CompactionCounters()
         self._kv_rules: dict[str, BudgetRule | None] = {}
         self._kv_policies: dict[str, str] = {}  # the selection of each request with a rule
+        # Entropy rule: the workers' reports (effective tokens, None: not measured) not yet used,
+        # and the requests they measure this step.
+        self._kv_effective: dict[str, float | None] = {}
+        self._kv_measure: dict[str, int] = {}
         self._kv_publisher = SnapshotPublisher.from_environment(KVCACHE, self.kv_snapshot)
         manager = self.kv_cache_manager
         manager.allocate_slots = functools.partial(_allocate_on_physical_length, self, manager.allocate_slots)
@@ -154,25 +165,38 @@ class CompactingScheduler(Scheduler):
         output = super().schedule(throttle_prefills)
         for rid in output.preempted_req_ids or ():
             compact.pop(rid, None)  # its blocks are gone: nothing to move
+        measure = {rid: n for rid, n in self._kv_measure.items() if rid not in (output.preempted_req_ids or ())}
         observe, accumulate = self._workers_watch()
-        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), observe, accumulate))
+        setattr(output, PLAN_ATTRIBUTE, KVPlan(self.current_step, compact, dict(self.kv_evicted), observe, accumulate,
+                                               measure))
         return output
 
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
+        # The workers' measures of entropy-rule requests (patch kv-compaction-reports); a request
+        # that finished or was preempted meanwhile is measured again if it comes back.
+        for rid, effective in (getattr(model_runner_output, REPORT_ATTRIBUTE, None) or {}).items():
+            if rid in self._kv_rules and rid not in self.kv_budgets:
+                self._kv_effective[rid] = effective
+        return super().update_from_output(scheduler_output, model_runner_output)
+
     def _workers_watch(self) -> tuple[dict[str, int], tuple[str, ...]]:
-        """Running requests whose policy needs their last queries (KVPlan.observe, with the
-        window) and those whose attention mass is accumulated (KVPlan.accumulate)."""
+        """Running requests whose policy or budget rule needs their last queries
+        (KVPlan.observe, with the window) and those whose attention mass is accumulated
+        (KVPlan.accumulate)."""
         observe: dict[str, int] = {}
         accumulate: list[str] = []
         for request in self.running:
             policy = self._kv_policies.get(request.request_id)
-            if policy in SCORED_BY_QUERIES:
+            rule = self._kv_rules.get(request.request_id)
+            if policy in SCORED_BY_QUERIES or (rule is not None and rule.rule == "entropy"):
                 observe[request.request_id] = self.kv_config.window
-            elif policy in ACCUMULATED:
+            if policy in ACCUMULATED:
                 accumulate.append(request.request_id)
         return observe, tuple(accumulate)
 
     def _compact_running(self) -> dict[str, Compaction]:
         plan: dict[str, Compaction] = {}
+        self._kv_measure = {}
         for request in self.running:
             rule = self._rule(request)
             if rule is None:
@@ -185,9 +209,23 @@ class CompactingScheduler(Scheduler):
             physical = request.num_computed_tokens - evicted
             budget = self.kv_budgets.get(rid)
             if budget is None:
-                # Fixed from the prompt's length; not capped by it: a request whose budget is at
-                # or above its length is compacted only if it grows to budget + buffer.
-                budget = self.kv_budgets[rid] = rule.target(physical)
+                # Fixed from the prompt's length (entropy: from the workers' measure of the
+                # window, asked for this step and used the next); not capped by it: a request
+                # whose budget is at or above its length is compacted only if it grows to
+                # budget + buffer.
+                if rule.rule == "entropy":
+                    if rid not in self._kv_effective:
+                        self._kv_measure[rid] = physical
+                        continue
+                    effective = self._kv_effective.pop(rid)
+                    if effective is None:
+                        self.kv_counters.unmeasured += 1
+                        self.kv_budgets[rid] = NOT_COMPACTED
+                        self._kv_changed()
+                        continue
+                    budget = self.kv_budgets[rid] = rule.target(physical, effective=effective)
+                else:
+                    budget = self.kv_budgets[rid] = rule.target(physical)
                 due = rule.compact_after_prompt(physical, budget)
             else:
                 due = rule.compact_during_decode(physical, budget)
@@ -234,6 +272,7 @@ class CompactingScheduler(Scheduler):
         rid = request.request_id
         self.kv_evicted.pop(rid, None)
         self.kv_budgets.pop(rid, None)
+        self._kv_effective.pop(rid, None)  # measured again from its recomputed cache
         if request.is_finished():
             self._kv_rules.pop(rid, None)
             self._kv_policies.pop(rid, None)

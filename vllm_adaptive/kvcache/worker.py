@@ -33,6 +33,22 @@ whose scores cannot be had (no queries kept, a failure in the scorer) falls back
 streaming selection for that request, logged and counted (`degraded`): the scheduler has already
 freed its tail blocks, so a compaction is never skipped.
 
+The step's own query (`snapkv` on vLLM's CPU attention). A request is compacted in the step
+that computes its next token (one token: the scheduler's eligibility rule), and that token's
+query is the freshest evidence of what it needs: with the key of a lookup as the token, its
+query is the question. So a SnapKV compaction waits for it: `before_update_states` copies the
+request's blocks of every layer (`defer`, before vLLM may zero the freed ones) and cuts its
+block ids as usual; at every attention layer the patched CPU attention first records the step's
+queries, then `compact_in_layer` scores the request's tokens with the window ending with the
+step's own query (its softmax over the copied keys and its own key), selects, and writes the
+kept tokens from the copy into the request's first slots; vLLM has already written the step's
+keys and values at their compacted slots (its KV update runs before the attention op), and its
+attention then reads the compacted cache. Each layer's query therefore comes from layers that
+already attend to their compacted caches. Where the request has no single token in the step
+(not scheduled) or another attention backend runs, the compaction happens before the step, as
+for the other policies, with the recorded queries only. The copy costs one request's blocks
+per layer for the step.
+
 Without a plan on the SchedulerOutput (every deployment without compaction) both functions
 return at once.
 """
@@ -48,7 +64,8 @@ import torch
 
 from vllm_adaptive.kernels.kv_compact import compact_kv_, kv_views
 from vllm_adaptive.kernels.kv_score import window_attention_mass
-from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, Compaction, KVPlan
+from vllm_adaptive.kvcache.budget import effective_tokens
+from vllm_adaptive.kvcache.plan import PLAN_ATTRIBUTE, REPORT_ATTRIBUTE, Compaction, KVPlan
 from vllm_adaptive.kvcache.selection import keynorm_scores, pool_scores, select_tokens
 from vllm_adaptive.worker_metrics import KVWORKER, SnapshotPublisher
 
@@ -105,18 +122,55 @@ class WorkerKV:
     mass: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # Physical length each request kept at its last compaction (queries before it do not count).
     kept_at: dict[str, int] = dataclasses.field(default_factory=dict)
+    # This step's compactions that run inside the attention layers (DeferredCompaction).
+    pending: list[DeferredCompaction] = dataclasses.field(default_factory=list)
+    # The entropy rule's measures not yet handed to the scheduler (request id -> the largest
+    # effective number of tokens, None: could not be measured); `attach_reports` sends them.
+    reports: dict[str, float | None] = dataclasses.field(default_factory=dict)
     compactions: int = 0
     tokens_evicted: int = 0
     scored: int = 0  # compactions whose selection came from scores
     degraded: int = 0  # scored policies that fell back to streaming
+    failed: int = 0  # in-layer compactions that did not reach every layer (their cache is stale)
     publisher: SnapshotPublisher | None = None
 
     def snapshot(self) -> dict[str, int]:
-        return {"compactions": self.compactions, "scored": self.scored, "degraded": self.degraded}
+        return {"compactions": self.compactions, "scored": self.scored, "degraded": self.degraded,
+                "failed": self.failed}
+
+
+@dataclasses.dataclass
+class DeferredCompaction:
+    """A SnapKV compaction whose observation window ends with the query of the token this step
+    computes (module docstring, "The step's own query"): the request's old blocks are copied
+    into `scratch` (one tensor per cache layer, the cache's layout, room for one more token)
+    before vLLM's `_update_states` may zero them; each attention layer then scores and writes
+    its kept tokens from the copy (`compact_in_layer`) before vLLM's attention runs."""
+
+    req_id: str
+    compaction: Compaction
+    layers: list[CacheLayer]
+    scratch: list[torch.Tensor]
+    kept_blocks: torch.Tensor  # the request's first ceil(keep / block_size) block ids
+    block_size: int
+    count: int  # window queries scored: the step's own and up to count - 1 before it
+    state: WorkerKV
+    row: int = -1  # the step's token of the request (set by after_prepare_inputs)
+    position: int = -1  # its logical position
+    streaming: bool = False  # its scores could not be had: the streaming selection
+    done: set[str] = dataclasses.field(default_factory=set)  # the layers that compacted
+
+    def by_layer(self) -> dict[str, int]:
+        return {layer.name: i for i, layer in enumerate(self.layers)}
 
 
 # The runner state of this worker process whose step is recording queries (None: no recording).
 _CAPTURE: StepCapture | None = None
+# This step's compactions that the attention layers run (empty: none).
+_DEFERRED: list[DeferredCompaction] = []
+# Set by the kv-compaction-queries patch once vLLM's CPU attention runs `record_queries` and
+# `compact_in_layer` at every layer: only then can a compaction wait for the step's own query.
+IN_LAYER_HOOK = False
 
 
 def cdiv(a: int, b: int) -> int:
@@ -141,8 +195,15 @@ def worker_snapshot(worker: Any) -> dict[str, int]:
 
 def before_update_states(runner: Any, scheduler_output: Any) -> None:
     """Run the step's plan (module docstring, 1-3); nothing without one."""
-    global _CAPTURE
+    global _CAPTURE, _DEFERRED
     _CAPTURE = None  # the previous step's rows are not this step's
+    if _DEFERRED:
+        unfinished = [d.req_id for d in _DEFERRED if len(d.done) < len(d.layers)]
+        if unfinished:  # an attention layer never ran its part: its cache of these requests is stale
+            logger.error("vllm-adaptive: KV compaction of requests %s did not reach every attention layer",
+                         unfinished)
+            worker_state(runner).failed += len(unfinished)
+    _DEFERRED = []
     plan: KVPlan | None = getattr(scheduler_output, PLAN_ATTRIBUTE, None)
     if plan is None:
         return
@@ -153,8 +214,19 @@ def before_update_states(runner: Any, scheduler_output: Any) -> None:
         del state.kept_at[req_id]
     for req_id in [r for r in state.mass if r not in plan.accumulate]:
         del state.mass[req_id]
+    scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+    state.pending = []
+    state.observe = dict(plan.observe)
+    for req_id, physical in plan.measure.items():
+        try:
+            state.reports[req_id] = measure_window(runner, state, req_id, physical)
+        except Exception as e:  # noqa: BLE001 - the request is then served uncompacted
+            state.reports[req_id] = None
+            state.degraded += 1
+            logger.warning("vllm-adaptive: the entropy KV budget of request %s could not be measured; "
+                           "it is not compacted: %s", req_id, e)
     for req_id, compaction in plan.compact.items():
-        compact_request(runner, state, req_id, compaction)
+        compact_request(runner, state, req_id, compaction, scheduled.get(req_id, 0))
         state.compactions += 1
         state.tokens_evicted += compaction.evicted
     if plan.compact and state.publisher is not None:
@@ -197,8 +269,10 @@ def layer_caches(runner: Any) -> list[torch.Tensor]:
     return [layer.cache for layer in attention_layers(runner)]
 
 
-def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compaction) -> None:
-    """Move `req_id`'s kept tokens to its first slots in every layer, then cut its block ids."""
+def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compaction, scheduled: int = 0) -> None:
+    """Move `req_id`'s kept tokens to its first slots in every layer (now, or in the attention
+    layers when its window takes this step's query), then cut its block ids. `scheduled`: the
+    request's tokens in this step."""
     request = runner.requests[req_id]
     (block_ids,) = request.block_ids  # one KV cache group (refused otherwise)
     block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
@@ -210,6 +284,12 @@ def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compa
     ids = torch.tensor(block_ids[:held], dtype=torch.int64, device=device)
     layout = "cpu" if device.type == "cpu" else "flash"
     layers = attention_layers(runner)
+    keep_blocks = cdiv(compaction.keep, block_size)
+    if compaction.policy == "snapkv" and scheduled == 1 and IN_LAYER_HOOK and layout == "cpu":
+        state.pending.append(defer(state, req_id, compaction, layers, ids, keep_blocks, block_size))
+        cut_block_ids(runner, req_id, block_ids, keep_blocks)
+        state.kept_at[req_id] = compaction.keep
+        return
     views = [kv_views(layer.cache, layout) for layer in layers]
     kept: list[torch.Tensor] | None = None
     if compaction.policy != "streaming":
@@ -235,7 +315,12 @@ def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compa
             state.mass[req_id] = moved
         else:
             del state.mass[req_id]  # nothing to carry: scored compactions of it degrade from now
-    keep_blocks = cdiv(compaction.keep, block_size)
+    cut_block_ids(runner, req_id, block_ids, keep_blocks)
+
+
+def cut_block_ids(runner: Any, req_id: str, block_ids: list[int], keep_blocks: int) -> None:
+    """The request keeps its first `keep_blocks` block ids (its runner state and its row of the
+    persistent batch's block table)."""
     del block_ids[keep_blocks:]
     row = runner.input_batch.req_id_to_index.get(req_id)
     if row is not None:
@@ -276,6 +361,128 @@ def gather_keys(key: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tens
     """The request's first `length` keys [KV heads, length, head_size] from a paged key view."""
     blocks = key.index_select(0, ids).transpose(0, 1)  # [H, blocks, block_size, D]
     return blocks.reshape(blocks.shape[0], -1, blocks.shape[-1])[:, :length]
+
+
+def measure_window(runner: Any, state: WorkerKV, req_id: str, physical: int) -> float:
+    """The entropy budget rule's measure of a request: the largest effective number of tokens
+    (`budget.effective_tokens`) of its window's attention mass over every layer and KV head."""
+    (block_ids,) = runner.requests[req_id].block_ids
+    block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    ids = torch.tensor(block_ids[: cdiv(physical, block_size)], dtype=torch.int64, device=runner.device)
+    queries = window_queries(state, req_id, physical)
+    layout = "cpu" if runner.device.type == "cpu" else "flash"
+    largest = 0.0
+    for layer in attention_layers(runner):
+        key, _ = kv_views(layer.cache, layout)
+        mass = window_attention_mass(queries[layer.index], key, ids, physical, layer.scale)
+        largest = max(largest, float(effective_tokens(mass).max()))
+    return largest
+
+
+def attach_reports(runner: Any, output: Any) -> None:
+    """Hand this worker's entropy measures to the scheduler on the step's ModelRunnerOutput
+    (patch kv-compaction-reports); kept for the next output when this one is vLLM's shared empty
+    output or not a ModelRunnerOutput."""
+    state: WorkerKV | None = getattr(runner, STATE_ATTRIBUTE, None)
+    if state is None or not state.reports:
+        return
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    if type(output) is not ModelRunnerOutput or output is EMPTY_MODEL_RUNNER_OUTPUT:
+        return
+    setattr(output, REPORT_ATTRIBUTE, dict(state.reports))
+    state.reports.clear()
+
+
+def defer(state: WorkerKV, req_id: str, compaction: Compaction, layers: list[CacheLayer], ids: torch.Tensor,
+          keep_blocks: int, block_size: int) -> DeferredCompaction:
+    """Copy the request's blocks of every layer (with room for this step's token) and the plan
+    of its in-layer compaction."""
+    physical = compaction.physical
+    blocks = cdiv(physical + 1, block_size)
+    scratch = []
+    for layer in layers:
+        copy = layer.cache.new_zeros((blocks, *layer.cache.shape[1:]))
+        copy[: ids.numel()] = layer.cache.index_select(0, ids)
+        scratch.append(copy)
+    window = state.observe.get(req_id, 1)
+    fresh = physical - state.kept_at.get(req_id, 0)  # cached tokens appended since its last compaction
+    return DeferredCompaction(req_id, compaction, layers, scratch, ids[:keep_blocks].clone(), block_size,
+                              min(window, fresh + 1), state)
+
+
+def compact_in_layer(layer: Any, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Run this step's deferred compactions for the cache of attention layer `layer` (called by
+    the kv-compaction-queries patch after `record_queries`, before vLLM's attention; this
+    step's keys and values are already in the cache, at the compacted slots): score the
+    request's tokens with its window (its recorded queries and the step's own, against the
+    copied keys and the step's key), select, and write the kept tokens into its first slots.
+    A scoring failure falls back to the streaming selection for the rest of the request's
+    layers (logged, counted as degraded)."""
+    name = getattr(layer, "layer_name", None)
+    for deferred in _DEFERRED:
+        index = deferred.by_layer().get(name)
+        if index is None or name in deferred.done or deferred.row < 0:
+            continue
+        compaction = deferred.compaction
+        kept = None
+        if not deferred.streaming:
+            try:
+                kept = deferred_selection(deferred, index, query, key)
+            except Exception as e:  # noqa: BLE001 - never into the forward pass
+                deferred.streaming = True
+                logger.warning("vllm-adaptive: KV compaction of request %s fell back from %s to the "
+                               "streaming selection: %s", deferred.req_id, compaction.policy, e)
+        if kept is None:
+            heads = deferred.scratch[index].shape[1]
+            kept = torch.tensor(compaction.kept_tokens(), dtype=torch.int64).expand(heads, -1)
+        write_kept(deferred, index, kept)
+        deferred.done.add(name)
+        if len(deferred.done) == len(deferred.layers):
+            state = deferred.state
+            if deferred.streaming:
+                state.degraded += 1
+            else:
+                state.scored += 1
+
+
+def deferred_selection(deferred: DeferredCompaction, index: int, query: torch.Tensor,
+                       key: torch.Tensor) -> torch.Tensor:
+    """The kept tokens [KV heads, keep] of cache layer `index`: SnapKV over the window that ends
+    with the step's own query (the step's key appended after the copied ones, so that its
+    softmax, like every window row's, covers the keys up to its own)."""
+    compaction, layer = deferred.compaction, deferred.layers[index]
+    ring = deferred.state.rings.get(deferred.req_id)
+    if ring is None:
+        raise RuntimeError("no queries were recorded for it (is the attention backend vLLM's CPU one?)")
+    wanted = torch.arange(deferred.position - deferred.count + 1, deferred.position + 1)
+    slots = wanted % ring.window
+    if wanted[0] < 0 or not torch.equal(ring.positions[slots], wanted):
+        raise RuntimeError(f"its ring does not hold its last {deferred.count} queries")
+    queries = ring.queries[layer.index].index_select(0, slots.to(ring.queries.device))
+    scratch_key, _ = kv_views(deferred.scratch[index], "cpu")
+    physical, size = compaction.physical, deferred.block_size
+    heads, head_size = scratch_key.shape[1], scratch_key.shape[3]
+    scratch_key[physical // size, :, physical % size] = key[deferred.row].reshape(heads, head_size)
+    blocks = torch.arange(scratch_key.shape[0], dtype=torch.int64)
+    mass = window_attention_mass(queries, scratch_key, blocks, physical + 1, layer.scale)
+    scores = pool_scores(mass[:, :physical], POOL_KERNEL, POOLING)
+    return select_tokens(scores, physical, compaction.keep, compaction.sinks, compaction.recent)
+
+
+def write_kept(deferred: DeferredCompaction, index: int, kept: torch.Tensor) -> None:
+    """Write the copied tokens `kept` [KV heads, keep] of cache layer `index` into the request's
+    first `keep` slots (its kept blocks, in order)."""
+    scratch_key, scratch_value = kv_views(deferred.scratch[index], "cpu")
+    key, value = kv_views(deferred.layers[index].cache, "cpu")
+    keep = kept.shape[1]
+    heads = torch.arange(kept.shape[0])[:, None]
+    slots = torch.arange(keep)
+    blocks = deferred.kept_blocks[slots // deferred.block_size][None, :]
+    offsets = (slots % deferred.block_size)[None, :]
+    source_blocks, source_offsets = kept // deferred.block_size, kept % deferred.block_size
+    key[blocks, heads, offsets] = scratch_key[source_blocks, heads, source_offsets]
+    value[blocks, heads, offsets] = scratch_value[source_blocks, heads, source_offsets]
 
 
 def window_queries(state: WorkerKV, req_id: str, physical: int) -> torch.Tensor:
@@ -382,15 +589,41 @@ def plan_capture(runner: Any, state: WorkerKV, total: int) -> StepCapture | None
     return StepCapture({name: i for i, name in enumerate(names)}, head_size, total, rows, accumulate)
 
 
+def place_deferred(runner: Any, pending: list[DeferredCompaction]) -> list[DeferredCompaction]:
+    """This step's token (row in the flattened batch, logical position) of each deferred
+    compaction; one that has none is written now with the streaming selection."""
+    batch = runner.input_batch
+    starts = runner.query_start_loc.np
+    placed = []
+    for deferred in pending:
+        row = batch.req_id_to_index.get(deferred.req_id)
+        if row is not None and row < batch.num_reqs and int(starts[row + 1]) - int(starts[row]) == 1:
+            deferred.row = int(starts[row])
+            deferred.position = int(batch.num_computed_tokens_cpu[row])
+            placed.append(deferred)
+            continue
+        logger.warning("vllm-adaptive: request %s has no single token in this step: compacted with the "
+                       "streaming selection", deferred.req_id)
+        heads = deferred.scratch[0].shape[1]
+        kept = torch.tensor(deferred.compaction.kept_tokens(), dtype=torch.int64).expand(heads, -1)
+        for index in range(len(deferred.layers)):
+            write_kept(deferred, index, kept)
+        deferred.state.degraded += 1
+    return placed
+
+
 def after_prepare_inputs(runner: Any, scheduler_output: Any) -> None:
     """Sequence lengths and KV slots of compacted rows from their physical length; this step's
     query rows to record."""
-    global _CAPTURE
+    global _CAPTURE, _DEFERRED
     state: WorkerKV | None = getattr(runner, STATE_ATTRIBUTE, None)
     if state is None:
         return
     if state.observe or state.accumulate:
         _CAPTURE = plan_capture(runner, state, scheduler_output.total_num_scheduled_tokens)
+    if state.pending:
+        _DEFERRED = place_deferred(runner, state.pending)
+        state.pending = []
     if not state.offsets:
         return
     batch = runner.input_batch
