@@ -32,7 +32,9 @@ compactions of a scored policy that fell back to the streaming selection (the wo
 read over collective_rpc); a cell with degraded compactions did not measure its policy.
 
 Writes table.md, results.json (and accuracy.png where matplotlib is installed) to --out
-(default results/kv-recall/<date-time>/), and prints the table.
+(default results/kv-recall/<date-time>/), and prints the table. Budget `entropy` sends kv_budget
+"entropy" (the section's default multiplier, 2): each request's budget follows its
+window's attention (vllm_adaptive.kvcache.budget); `kept / request` shows what it kept on average.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from benchmarks.tasks import recall
 from benchmarks.tasks.example import Example
 from benchmarks.tasks.mixture import EVAL_SEED, eval_examples
 from vllm_adaptive.kvcache.config import KV_POLICIES
-from vllm_adaptive.kvcache.params import parse_request
+from vllm_adaptive.kvcache.params import ENTROPY, parse_request
 
 DEFAULT_BUDGETS = ("full", "1/2", "1/4", "1/8", "1/16")
 DEFAULT_N = 100
@@ -101,18 +103,22 @@ class ForceFirstToken(AdapterLogitsProcessor):
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    label: str  # "full", "1/4", "0.3" or "200"
-    value: float | int | None  # kv_budget: a share of the prompt in (0, 1), tokens >= 1, None: no compaction
+    label: str  # "full", "1/4", "0.3", "200" or "entropy"
+    # kv_budget: a share of the prompt in (0, 1), tokens >= 1, "entropy", None: no compaction
+    value: float | int | str | None
 
     @staticmethod
     def parse(text: str) -> Budget:
         text = text.strip()
         if text == FULL:
             return Budget(FULL, None)
+        if text == ENTROPY:
+            return Budget(ENTROPY, ENTROPY)
         try:
             number = fractions.Fraction(text)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"budget {text!r}: expected 'full', a share such as 1/8 or 0.125, or tokens such as 200") from None
+            raise ValueError(f"budget {text!r}: expected 'full', a share such as 1/8 or 0.125, tokens such as 200, "
+                             f"or '{ENTROPY}'") from None
         if 0 < number < 1:
             return Budget(text, float(number))
         if number >= 1 and number.denominator == 1:
@@ -230,12 +236,12 @@ def run_cell(llm: Any, scheduler: Any, setup: Setup, protocol: str, policy: str,
             text = tokenizer.decode(list(completion.token_ids[1:]), skip_special_tokens=True)
         correct += recall.is_correct(example, text)
         answers.append(recall.extract_answer(text))
-        if rule is not None:
+        if rule is not None and rule.rule != "entropy":
             physical = len(request["prompt_token_ids"])
             kept += streaming_keeps_pair(queried_pair_index(ids), physical, rule.target(physical), rule.sinks)
     n = len(setup.examples)
     same = sum(a == b for a, b in zip(answers, full_answers)) / n if full_answers is not None else 1.0
-    pair_kept = kept / n if policy == "streaming" else (1.0 if rule is None else None)
+    pair_kept = kept / n if policy == "streaming" and budget.value != ENTROPY else (1.0 if rule is None else None)
     return Cell(protocol, policy if rule is not None else "-", budget.label, budget.value, n, correct, correct / n, same,
                 pair_kept, delta["compactions"], delta["tokens_held"], delta["tokens_kept"],
                 delta["tokens_evicted"], delta["blocks_freed"], delta["refused"], delta["scored"],

@@ -98,6 +98,7 @@ def test_budgets_parse_as_shares_tokens_or_full() -> None:
     assert Budget.parse("full") == Budget("full", None)
     assert Budget.parse("1/8") == Budget("1/8", 0.125)
     assert Budget.parse("0.5").value == 0.5 and Budget.parse("200").value == 200
+    assert Budget.parse("entropy") == Budget("entropy", "entropy")
     for bad in ("0", "3/2", "1.5", "-1/4", "half"):
         with pytest.raises(ValueError, match="budget"):
             Budget.parse(bad)
