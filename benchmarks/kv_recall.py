@@ -33,7 +33,8 @@ read over collective_rpc); a cell with degraded compactions did not measure its 
 
 Writes table.md, results.json (and accuracy.png where matplotlib is installed) to --out
 (default results/kv-recall/<date-time>/), and prints the table. Budget `entropy` sends kv_budget
-"entropy" (the section's default multiplier, 2): each request's budget follows its
+"entropy" (`entropy:M`: with kv_entropy_multiplier M; else the section's default, 1): each
+request's budget follows its
 window's attention (vllm_adaptive.kvcache.budget); `kept / request` shows what it kept on average.
 """
 
@@ -103,9 +104,10 @@ class ForceFirstToken(AdapterLogitsProcessor):
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    label: str  # "full", "1/4", "0.3", "200" or "entropy"
+    label: str  # "full", "1/4", "0.3", "200", "entropy" or "entropy:0.25"
     # kv_budget: a share of the prompt in (0, 1), tokens >= 1, "entropy", None: no compaction
     value: float | int | str | None
+    multiplier: float | None = None  # kv_entropy_multiplier ("entropy:M"; None: the deployment's)
 
     @staticmethod
     def parse(text: str) -> Budget:
@@ -114,6 +116,14 @@ class Budget:
             return Budget(FULL, None)
         if text == ENTROPY:
             return Budget(ENTROPY, ENTROPY)
+        if text.startswith(ENTROPY + ":"):
+            try:
+                multiplier = float(text.split(":", 1)[1])
+            except ValueError:
+                multiplier = -1.0
+            if not 0 < multiplier <= 1000:
+                raise ValueError(f"budget {text!r}: the entropy multiplier must be a number in (0, 1000]")
+            return Budget(text, ENTROPY, multiplier)
         try:
             number = fractions.Fraction(text)
         except (ValueError, ZeroDivisionError):
@@ -207,6 +217,8 @@ def run_cell(llm: Any, scheduler: Any, setup: Setup, protocol: str, policy: str,
              full_answers: list[str | None] | None) -> Cell:
     tokenizer = llm.get_tokenizer()
     extra: dict[str, Any] = {} if budget.value is None else {"kv_budget": budget.value, "kv_policy": policy}
+    if budget.multiplier is not None:
+        extra["kv_entropy_multiplier"] = budget.multiplier
     requests, params = [], []
     for ids in setup.prompt_ids:
         request_extra = dict(extra)
@@ -417,7 +429,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out set seed")
     parser.add_argument("--policies", default=",".join(KV_POLICIES), help=f"comma-separated kv_policy values: {','.join(KV_POLICIES)}")
     parser.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
-                        help="comma-separated: full, shares of the prompt (1/8, 0.125) or tokens (200); the full cache always runs")
+                        help="comma-separated: full, shares of the prompt (1/8, 0.125), tokens (200), entropy or "
+                             "entropy:M (kv_entropy_multiplier M); the full cache always runs")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated: {','.join(PROTOCOLS)}")
     parser.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     parser.add_argument("--dtype", default="auto", help="engine dtype (auto: the model's, bfloat16 for the shipped models)")

@@ -9,7 +9,7 @@ How: wrap `GPUModelRunner.sample_tokens` (a class attribute, set once; the CPU r
 it): after vLLM's method, `vllm_adaptive.kvcache.worker.attach_reports` sets the attribute
 REPORT_ATTRIBUTE (vllm_adaptive.kvcache.plan) of the returned ModelRunnerOutput (a non-slots
 dataclass, pickled whole to a scheduler in another process) to the reports the worker made this
-step (request id -> the largest effective number of attended tokens over its layers and KV
+step (request id -> the mean effective number of attended tokens over its layers and KV
 heads, or None where it could not be measured), never on vLLM's shared empty output; the
 CompactingScheduler reads it in `update_from_output`. Without reports the wrapper reads one
 attribute. Under tensor parallelism the executor returns the first rank's output: the budget

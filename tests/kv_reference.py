@@ -116,14 +116,14 @@ def _snapkv_in_layer(in_layer: dict, kv_heads: int, sinks: int, window: int, poo
 
 def _entropy_budget(rows: list[tuple[torch.Tensor, ...]], length: int, window: int, kv_heads: int,
                     multiplier: float, sinks: int) -> int:
-    """ceil(multiplier x the largest exp(entropy) over layers and KV heads of the last `window`
+    """ceil(multiplier x the mean exp(entropy) over layers and KV heads of the last `window`
     rows' attention mass, normalised) + sinks + window, at least sinks + window."""
-    largest = 0.0
+    counts = []
     for mass in _window_mass(rows, length, window, kv_heads):
         p = mass / mass.sum(dim=1, keepdim=True)
         entropy = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(dim=1)
-        largest = max(largest, float(torch.exp(entropy).max()))
-    return max(math.ceil(multiplier * largest) + sinks + window, sinks + window)
+        counts += torch.exp(entropy).tolist()
+    return max(math.ceil(multiplier * sum(counts) / len(counts)) + sinks + window, sinks + window)
 
 
 def compacted_greedy(model_dir: Path, prompts: Sequence[Sequence[int]], max_tokens: int,

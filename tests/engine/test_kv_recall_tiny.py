@@ -99,7 +99,8 @@ def test_budgets_parse_as_shares_tokens_or_full() -> None:
     assert Budget.parse("1/8") == Budget("1/8", 0.125)
     assert Budget.parse("0.5").value == 0.5 and Budget.parse("200").value == 200
     assert Budget.parse("entropy") == Budget("entropy", "entropy")
-    for bad in ("0", "3/2", "1.5", "-1/4", "half"):
+    assert Budget.parse("entropy:0.25") == Budget("entropy:0.25", "entropy", 0.25)
+    for bad in ("0", "3/2", "1.5", "-1/4", "half", "entropy:0", "entropy:x"):
         with pytest.raises(ValueError, match="budget"):
             Budget.parse(bad)
 

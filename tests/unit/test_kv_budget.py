@@ -25,17 +25,17 @@ def test_fixed_and_ratio_budgets_are_clamped_to_min_tokens_and_length() -> None:
     assert [ratio.budget(n) for n in (30, 100, 1000, 1001)] == [30, 40, 250, 251]
 
 
-def test_entropy_budget_follows_the_most_spread_head() -> None:
+def test_entropy_budget_follows_the_heads_mean_effective_tokens() -> None:
     rule = BudgetRule(rule="entropy", multiplier=2.0, min_tokens=12, sinks=2, recent=4)
     length = 1000
     focused = torch.zeros(2, length)
     focused[:, 10] = 1.0  # both heads on one token: 2 * 1 + 6 -> min_tokens
     assert rule.budget(length, focused) == 12
     spread = focused.clone()
-    spread[1, 100:150] = 1.0  # head 1 spreads over 51 tokens: ceil(2 * 51) + 2 + 4
-    assert rule.budget(length, spread) == 108
+    spread[1, 100:150] = 1.0  # head 1 spreads over 51 tokens: ceil(2 * (1 + 51) / 2) + 2 + 4
+    assert rule.budget(length, spread) == 58
     short = torch.zeros(2, 60)
-    short[1, 5:56] = 1.0  # 51 tokens again: 108 > 60
+    short[:, 5:56] = 1.0  # both over 51 tokens: 108 > 60
     assert rule.budget(60, short) == 60  # never more than the length
     with pytest.raises(ValueError, match="attention mass"):
         rule.budget(length)

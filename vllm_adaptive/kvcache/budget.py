@@ -8,9 +8,11 @@ The budget is one count per request (every layer and KV head keeps that many tok
 - `entropy`: from how concentrated the observation window's attention is. For each KV head the
   attention mass over the tokens (`kernels.kv_score`), normalised to a distribution p, has an
   entropy H(p) (nats); exp(H) is its effective number of tokens: the number of equally attended
-  tokens with the same entropy. The budget is ceil(`multiplier` x the largest effective number
-  over the heads) plus the sinks and the recent window, which are kept anyway: a request whose
-  heads attend to a few tokens is compacted hard, one that attends broadly keeps more.
+  tokens with the same entropy. The budget is ceil(`multiplier` x the mean effective number over
+  the heads (and layers)) plus the sinks and the recent window, which are kept anyway: a request
+  whose heads attend to a few tokens is compacted hard, one that attends broadly keeps more. The
+  mean, not the largest: one budget serves every head, and a head that attends to everything
+  loses little per evicted token (the largest would let one such head veto any compaction).
 
 Every rule's budget is then clamped to [`min_tokens`, length]. `min_tokens` is at least
 sinks + recent so that the middle is never the only thing evicted into nothing.
@@ -60,7 +62,7 @@ class BudgetRule:
 
     def budget(self, length: int, mass: torch.Tensor | None = None, effective: float | None = None) -> int:
         """The tokens a request of `length` tokens keeps; `mass` [H, length] is the observation
-        window's attention mass per KV head, or `effective` the largest effective number of
+        window's attention mass per KV head, or `effective` the mean effective number of
         tokens over its heads (layers included) (the entropy rule needs one of them)."""
         return min(self.target(length, mass, effective), length)
 
@@ -78,7 +80,7 @@ class BudgetRule:
             if effective is None:
                 if mass is None:
                     raise ValueError("the entropy budget rule needs the observation window's attention mass")
-                effective = float(effective_tokens(mass).max())
+                effective = float(effective_tokens(mass).mean())
             if not (math.isfinite(effective) and effective >= 0):
                 raise ValueError(f"effective number of tokens must be finite and >= 0, got {effective}")
             wanted = math.ceil(self.multiplier * effective) + self.sinks + self.recent

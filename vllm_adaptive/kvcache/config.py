@@ -44,9 +44,9 @@ class KVCompactionConfig:
     # request's last `window` queries; every scored selection also keeps the last `window` tokens.
     window: int = 32
     # Default kv_entropy_multiplier: a request with kv_budget "entropy" keeps this many times the
-    # effective number of tokens (exp of the entropy) of its most spread-out KV head's window
-    # attention, plus the sinks and the window (vllm_adaptive.kvcache.budget).
-    entropy_multiplier: float = 2.0
+    # mean effective number of tokens (exp of the entropy) of its KV heads' window attention,
+    # plus the sinks and the window (vllm_adaptive.kvcache.budget).
+    entropy_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:

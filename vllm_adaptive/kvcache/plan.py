@@ -15,7 +15,7 @@ import dataclasses
 
 PLAN_ATTRIBUTE = "adaptive_kv"
 # The attribute of vLLM's ModelRunnerOutput that carries the workers' reports back (patch
-# kv-compaction-reports): request id -> the largest effective number of attended tokens over its
+# kv-compaction-reports): request id -> the mean effective number of attended tokens over its
 # layers and KV heads (`budget.effective_tokens` of its window's attention), or None where the
 # workers could not measure it.
 REPORT_ATTRIBUTE = "adaptive_kv_reports"

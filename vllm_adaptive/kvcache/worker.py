@@ -124,7 +124,7 @@ class WorkerKV:
     kept_at: dict[str, int] = dataclasses.field(default_factory=dict)
     # This step's compactions that run inside the attention layers (DeferredCompaction).
     pending: list[DeferredCompaction] = dataclasses.field(default_factory=list)
-    # The entropy rule's measures not yet handed to the scheduler (request id -> the largest
+    # The entropy rule's measures not yet handed to the scheduler (request id -> the mean
     # effective number of tokens, None: could not be measured); `attach_reports` sends them.
     reports: dict[str, float | None] = dataclasses.field(default_factory=dict)
     compactions: int = 0
@@ -364,19 +364,18 @@ def gather_keys(key: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tens
 
 
 def measure_window(runner: Any, state: WorkerKV, req_id: str, physical: int) -> float:
-    """The entropy budget rule's measure of a request: the largest effective number of tokens
+    """The entropy budget rule's measure of a request: the mean effective number of tokens
     (`budget.effective_tokens`) of its window's attention mass over every layer and KV head."""
     (block_ids,) = runner.requests[req_id].block_ids
     block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
     ids = torch.tensor(block_ids[: cdiv(physical, block_size)], dtype=torch.int64, device=runner.device)
     queries = window_queries(state, req_id, physical)
     layout = "cpu" if runner.device.type == "cpu" else "flash"
-    largest = 0.0
+    counts = []
     for layer in attention_layers(runner):
         key, _ = kv_views(layer.cache, layout)
-        mass = window_attention_mass(queries[layer.index], key, ids, physical, layer.scale)
-        largest = max(largest, float(effective_tokens(mass).max()))
-    return largest
+        counts.append(effective_tokens(window_attention_mass(queries[layer.index], key, ids, physical, layer.scale)))
+    return float(torch.cat(counts).mean())
 
 
 def attach_reports(runner: Any, output: Any) -> None:
