@@ -225,6 +225,8 @@ def before_update_states(runner: Any, scheduler_output: Any) -> None:
             state.degraded += 1
             logger.warning("vllm-adaptive: the entropy KV budget of request %s could not be measured; "
                            "it is not compacted: %s", req_id, e)
+            if state.publisher is not None:
+                state.publisher.touch()
     for req_id, compaction in plan.compact.items():
         compact_request(runner, state, req_id, compaction, scheduled.get(req_id, 0))
         state.compactions += 1
@@ -443,6 +445,8 @@ def compact_in_layer(layer: Any, query: torch.Tensor, key: torch.Tensor) -> None
                 state.degraded += 1
             else:
                 state.scored += 1
+            if state.publisher is not None:
+                state.publisher.touch()
 
 
 def deferred_selection(deferred: DeferredCompaction, index: int, query: torch.Tensor,
@@ -608,6 +612,8 @@ def place_deferred(runner: Any, pending: list[DeferredCompaction]) -> list[Defer
         for index in range(len(deferred.layers)):
             write_kept(deferred, index, kept)
         deferred.state.degraded += 1
+        if deferred.state.publisher is not None:
+            deferred.state.publisher.touch()
     return placed
 
 
