@@ -141,7 +141,7 @@ class Cell:
     protocol: str
     policy: str  # "-" for the full cache
     budget: str
-    kv_budget: float | int | None  # what the requests sent (None: no compaction)
+    kv_budget: float | int | str | None  # what the requests sent ("entropy"; None: no compaction)
     n: int
     correct: int
     accuracy: float

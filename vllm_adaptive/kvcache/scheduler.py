@@ -62,8 +62,6 @@ from vllm_adaptive.worker_metrics import KVCACHE, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
-# Budget rules the scheduler can decide: from lengths alone, or (entropy) from the workers' report.
-SCHEDULER_RULES = ("fixed", "ratio", "entropy")
 # The budget of a request whose window the workers could not measure: never compacted.
 NOT_COMPACTED = 1 << 62
 
@@ -129,9 +127,6 @@ class CompactingScheduler(Scheduler):
                 logger.warning("vllm-adaptive: request %s is not compacted: %s", rid, e)
                 self.kv_counters.refused += 1
                 rule = None
-            if rule is not None and rule.rule not in SCHEDULER_RULES:
-                raise ValueError(f"budget rule {rule.rule!r} cannot be decided by the scheduler; "
-                                 f"use one of {list(SCHEDULER_RULES)}")
             self._kv_rules[rid] = rule
             if rule is not None:
                 params = request.sampling_params

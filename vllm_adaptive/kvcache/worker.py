@@ -159,9 +159,10 @@ class DeferredCompaction:
     position: int = -1  # its logical position
     streaming: bool = False  # its scores could not be had: the streaming selection
     done: set[str] = dataclasses.field(default_factory=set)  # the layers that compacted
+    by_layer: dict[str, int] = dataclasses.field(init=False)  # layer name -> index in `layers`
 
-    def by_layer(self) -> dict[str, int]:
-        return {layer.name: i for i, layer in enumerate(self.layers)}
+    def __post_init__(self) -> None:
+        self.by_layer = {layer.name: i for i, layer in enumerate(self.layers)}
 
 
 # The runner state of this worker process whose step is recording queries (None: no recording).
@@ -303,8 +304,7 @@ def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compa
             logger.warning("vllm-adaptive: KV compaction of request %s fell back from %s to the "
                            "streaming selection: %s", req_id, compaction.policy, e)
     if kept is None:
-        streaming = torch.tensor(compaction.kept_tokens(), dtype=torch.int64, device=device)
-        kept = [streaming.expand(key.shape[1], -1) for key, _ in views]
+        kept = [streaming_selection(compaction, key.shape[1], device) for key, _ in views]
     for (key, value), keep in zip(views, kept):
         compact_kv_(key, value, ids, keep, check_indices=False)
     state.kept_at[req_id] = compaction.keep
@@ -318,6 +318,12 @@ def compact_request(runner: Any, state: WorkerKV, req_id: str, compaction: Compa
         else:
             del state.mass[req_id]  # nothing to carry: scored compactions of it degrade from now
     cut_block_ids(runner, req_id, block_ids, keep_blocks)
+
+
+def streaming_selection(compaction: Compaction, heads: int, device: torch.device) -> torch.Tensor:
+    """The streaming selection (`Compaction.kept_tokens`) for every one of `heads` KV heads
+    [heads, keep]: the streaming policy's, and every scored policy's fallback."""
+    return torch.tensor(compaction.kept_tokens(), dtype=torch.int64, device=device).expand(heads, -1)
 
 
 def cut_block_ids(runner: Any, req_id: str, block_ids: list[int], keep_blocks: int) -> None:
@@ -422,7 +428,7 @@ def compact_in_layer(layer: Any, query: torch.Tensor, key: torch.Tensor) -> None
     layers (logged, counted as degraded)."""
     name = getattr(layer, "layer_name", None)
     for deferred in _DEFERRED:
-        index = deferred.by_layer().get(name)
+        index = deferred.by_layer.get(name)
         if index is None or name in deferred.done or deferred.row < 0:
             continue
         compaction = deferred.compaction
@@ -435,8 +441,7 @@ def compact_in_layer(layer: Any, query: torch.Tensor, key: torch.Tensor) -> None
                 logger.warning("vllm-adaptive: KV compaction of request %s fell back from %s to the "
                                "streaming selection: %s", deferred.req_id, compaction.policy, e)
         if kept is None:
-            heads = deferred.scratch[index].shape[1]
-            kept = torch.tensor(compaction.kept_tokens(), dtype=torch.int64).expand(heads, -1)
+            kept = streaming_selection(compaction, deferred.scratch[index].shape[1], deferred.scratch[index].device)
         write_kept(deferred, index, kept)
         deferred.done.add(name)
         if len(deferred.done) == len(deferred.layers):
@@ -607,8 +612,7 @@ def place_deferred(runner: Any, pending: list[DeferredCompaction]) -> list[Defer
             continue
         logger.warning("vllm-adaptive: request %s has no single token in this step: compacted with the "
                        "streaming selection", deferred.req_id)
-        heads = deferred.scratch[0].shape[1]
-        kept = torch.tensor(deferred.compaction.kept_tokens(), dtype=torch.int64).expand(heads, -1)
+        kept = streaming_selection(deferred.compaction, deferred.scratch[0].shape[1], deferred.scratch[0].device)
         for index in range(len(deferred.layers)):
             write_kept(deferred, index, kept)
         deferred.state.degraded += 1
