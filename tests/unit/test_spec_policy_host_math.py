@@ -31,23 +31,23 @@ RULES = [
 ]
 
 
-def drive(policy: DraftLengthPolicy, probabilistic: bool, seed: int) -> list[dict]:
-    """STEPS engine steps; what the policy decided at each."""
+def drive(policy: DraftLengthPolicy, probabilistic: bool, seed: int, rows: int = ROWS) -> list[dict]:
+    """STEPS engine steps over a batch of `rows`; what the policy decided at each."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    req_ids = [f"r{i}" for i in range(ROWS)]
-    next_id = ROWS
-    drafts: list[list[int]] = [[] for _ in range(ROWS)]
+    req_ids = [f"r{i}" for i in range(rows)]
+    next_id = rows
+    drafts: list[list[int]] = [[] for _ in range(rows)]
     trace = []
     for step in range(STEPS):
         accepted = [int(rng.integers(0, len(d) + 1)) for d in drafts]
         policy.observe_verification(req_ids, drafts, accepted)
-        decoding = rng.random(ROWS) > 0.1  # now and then a prompt chunk
+        decoding = rng.random(rows) > 0.1  # now and then a prompt chunk
         progress = policy.begin(req_ids, decoding, K)
         for _ in range(progress.k):
-            logits = torch.randn(ROWS, VOCAB, generator=generator)
-            peaks = torch.rand(ROWS, generator=generator) * 10.0
-            logits[torch.arange(ROWS), torch.randint(0, VOCAB, (ROWS,), generator=generator)] += peaks
+            logits = torch.randn(rows, VOCAB, generator=generator)
+            peaks = torch.rand(rows, generator=generator) * 10.0
+            logits[torch.arange(rows), torch.randint(0, VOCAB, (rows,), generator=generator)] += peaks
             if probabilistic:
                 probs = torch.softmax(logits / 0.8, dim=-1)
                 tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -57,10 +57,10 @@ def drive(policy: DraftLengthPolicy, probabilistic: bool, seed: int) -> list[dic
             if progress.should_end():
                 break
         drafts = policy.finish(progress, req_ids, decoding)
-        policy.observe_step(ROWS, ROWS + sum(len(d) for d in drafts), 0.02, max(progress.steps, 1), 0.002)
+        policy.observe_step(rows, rows + sum(len(d) for d in drafts), 0.02, max(progress.steps, 1), 0.002)
         trace.append({"step": step, "k": progress.k, "steps": progress.steps,
                       "drafts": [list(d) for d in drafts]})
-        for row in np.flatnonzero(rng.random(ROWS) < 0.15).tolist():  # finished; a new request
+        for row in np.flatnonzero(rng.random(rows) < 0.15).tolist():  # finished; a new request
             req_ids[row] = f"r{next_id}"
             next_id += 1
             drafts[row] = []
@@ -79,14 +79,16 @@ def state(policy: DraftLengthPolicy) -> dict:
     }
 
 
+@pytest.mark.parametrize("rows", [ROWS, 1], ids=["batch", "one-row"])
 @pytest.mark.parametrize("probabilistic", [False, True], ids=["greedy", "probabilistic"])
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: "-".join(str(v) for v in r.values()))
-def test_numpy_and_torch_decisions_agree_step_by_step(rule: dict, probabilistic: bool) -> None:
+def test_numpy_and_torch_decisions_agree_step_by_step(rule: dict, probabilistic: bool, rows: int) -> None:
+    """Batch 1 takes the one-row path (Python floats) on the host."""
     config = AdaptiveDraftConfig(enabled=True, max_draft_tokens=K, **{"controller": False, **rule})
     host = DraftLengthPolicy(config, host_math=True)
     device = DraftLengthPolicy(config, host_math=False)
-    host_trace = drive(host, probabilistic, seed=7)
-    device_trace = drive(device, probabilistic, seed=7)
+    host_trace = drive(host, probabilistic, seed=7, rows=rows)
+    device_trace = drive(device, probabilistic, seed=7, rows=rows)
     assert host_trace == device_trace
     assert state(host) == state(device)
     lengths = [len(d) for entry in host_trace for d in entry["drafts"]]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from vllm_adaptive.speculative.config import AdaptiveDraftConfig, initial_k
@@ -225,17 +226,41 @@ class GoodputController:
             )
         rows = acceptance.shape[0]
         width = self.max_draft_tokens
-        tokens = rows + expected_accepted_length(acceptance[:, :width].cpu()).sum(dim=0)
-        seconds = torch.tensor(
-            [self.step_seconds(rows, k) for k in range(width + 1)], dtype=torch.float64
-        )
-        return tokens / seconds.clamp(min=1e-12)
+        accepted = expected_accepted_length(acceptance[:, :width].cpu()).sum(dim=0).tolist()
+        return torch.tensor(self._goodput(rows, accepted), dtype=torch.float64)
+
+    def expected_goodput_of_rates(self, rates: np.ndarray) -> list[float]:
+        """`expected_goodput` where each request's acceptance is the same at every draft
+        position (`rates` [R], as the policy estimates it): E[accepted | K] = sum_{i<=K} a^i,
+        in numpy over the rows (plain floats for one row). A list of max_draft_tokens + 1."""
+        width = self.max_draft_tokens
+        if len(rates) == 1:
+            rate = min(max(float(rates[0]), 0.0), 1.0)
+            accepted, survival, total = [0.0], 1.0, 0.0
+            for _ in range(width):
+                survival *= rate
+                total += survival
+                accepted.append(total)
+        else:
+            clipped = np.clip(np.asarray(rates, dtype=np.float64), 0.0, 1.0)
+            survival = np.cumprod(np.repeat(clipped[:, None], width, axis=1), axis=1)
+            accepted = [0.0, *np.cumsum(survival, axis=1).sum(axis=0).tolist()]
+        return self._goodput(len(rates), accepted)
+
+    def _goodput(self, rows: int, accepted: list[float]) -> list[float]:
+        """Tokens per second for K = 0..width from the batch's expected accepted tokens per K."""
+        return [(rows + a) / max(self.step_seconds(rows, k), 1e-12) for k, a in enumerate(accepted)]
 
     def step_seconds(self, num_rows: int, k: int) -> float:
         """Predicted seconds of one step (draft, then verification) with cap K for `num_rows`."""
+        # LinearTimeModel.predict of both models, written out (it runs for every K each step).
         passes = self.draft_passes(k)
-        draft = self.draft_time.predict((passes, passes * num_rows)) if passes else 0.0
-        return self.verify_time.predict((num_rows, num_rows * (1 + k))) + draft
+        v0, v1, v2 = self.verify_time.coefficient_floats()
+        verify = v0 + (v1 * num_rows + v2 * (num_rows * (1 + k)))
+        if not passes:
+            return verify + 0.0
+        d0, d1, d2 = self.draft_time.coefficient_floats()
+        return verify + (d0 + (d1 * passes + d2 * (passes * num_rows)))
 
     def draft_cost_ratio(self, num_rows: int) -> float | None:
         """What extending every row's draft by one token costs (one more draft pass and one more
@@ -254,8 +279,16 @@ class GoodputController:
         """The cap K for the next step; `acceptance` as in `expected_goodput`."""
         if acceptance.shape[0] == 0 or not self.warmed_up:
             return self.k
-        goodput = self.expected_goodput(acceptance)
-        best = int(torch.argmax(goodput))  # the first maximum: the smallest K among ties
+        return self._move(self.expected_goodput(acceptance).tolist())
+
+    def decide_rates(self, rates: np.ndarray) -> int:
+        """`decide` from each request's acceptance rate (`expected_goodput_of_rates`)."""
+        if len(rates) == 0 or not self.warmed_up:
+            return self.k
+        return self._move(self.expected_goodput_of_rates(rates))
+
+    def _move(self, goodput: list[float]) -> int:
+        best = goodput.index(max(goodput))  # the first maximum: the smallest K among ties
         if best != self.k and goodput[best] > goodput[self.k] * (1.0 + self.margin):
             self._streak += 1
             if self._streak >= self.patience:

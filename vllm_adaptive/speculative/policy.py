@@ -60,12 +60,15 @@ from vllm_adaptive.speculative.stop_rules import (
     AdaEDLStopRule,
     DraftState,
     SpecDecStopRule,
+    RowStats,
     StopRule,
     build_calibrator,
     build_stop_rule,
+    f32,
     draft_stats,
     draft_stats_from_probs,
     host_draft_stats,
+    host_row_stats,
     host_to_device,
     threshold_for_cost_ratio,
 )
@@ -255,7 +258,14 @@ class DraftInProgress:
             self._log_survival = np.zeros(num_rows, dtype=np.float32)
             self._alive_host = np.ones(num_rows, dtype=bool)
             self._any_alive = None
+            # One row (batch 1, the latency case): the decisions in Python floats, per step
+            # lists of Python values; a numpy call on a one-element array costs a microsecond.
+            self.one_row = num_rows == 1
+            self._lam_one = float(self._lam[0]) if self.one_row else 0.0
+            self._log_survival_one = 0.0
+            self._alive_one = True
             return
+        self.one_row = False
         device = lam.device
         self.state = DraftState.start(num_rows, lam=lam, device=device)
         self.alive = torch.ones(num_rows, dtype=torch.bool, device=device)
@@ -311,6 +321,14 @@ class DraftInProgress:
         self, logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor | None
     ) -> None:
         rule = self.policy.rule
+        if self.one_row:
+            one = host_row_stats(logits, token_ids, probs, rule.needs_entropy)
+            if one is not None:
+                self._record_one(rule, one, token_ids)
+                if probs is not None:
+                    self.probs.append(probs)
+                return
+            self._to_arrays()  # a row with no finite logit: the array path from here on
         stats = host_draft_stats(logits, None if probs is None else token_ids, rule.needs_entropy, probs)
         decision = rule.decide_host(stats, self._log_survival, self._lam)
         alive = self._alive_host
@@ -324,6 +342,26 @@ class DraftInProgress:
         self.tokens.append(np.array(token_ids.numpy(), dtype=np.int64))  # a copy: ours to keep
         if probs is not None:
             self.probs.append(probs)
+
+    def _record_one(self, rule: StopRule, stats: RowStats, token_ids: torch.Tensor) -> None:
+        stop, keep, log_survival = rule.decide_one(stats, self._log_survival_one, self._lam_one)
+        alive = self._alive_one
+        self.kept.append(alive and keep)
+        if alive:
+            self._alive_one = not stop
+            self._log_survival_one = log_survival
+        self.confidence.append(stats.top_prob if self.policy.config.confidence == "top_prob"
+                               else stats.token_prob)
+        self.tokens.append(token_ids.item())
+
+    def _to_arrays(self) -> None:
+        """Leave the one-row path: its per-step values and state as the array path keeps them."""
+        self.one_row = False
+        self.tokens = [np.array([t], dtype=np.int64) for t in self.tokens]
+        self.kept = [np.array([k], dtype=bool) for k in self.kept]
+        self.confidence = [np.array([c], dtype=np.float32) for c in self.confidence]
+        self._log_survival = np.array([self._log_survival_one], dtype=np.float32)
+        self._alive_host = np.array([self._alive_one], dtype=bool)
 
     @property
     def steps(self) -> int:
@@ -342,7 +380,7 @@ class DraftInProgress:
         if self.steps >= self.k:
             return False
         if self.host:
-            return not self._alive_host.any()
+            return not (self._alive_one if self.one_row else self._alive_host.any())
         if self._any_alive is None:
             return not bool(self.alive.any())
         checked = self.steps - 1 - self.lag
@@ -367,6 +405,11 @@ class DraftInProgress:
         if not self.host:
             tokens, lengths, confidence = to_host(*self.stacked())
             return tokens, lengths, confidence
+        if self.one_row:
+            kept = self.kept
+            length = kept.index(False) if False in kept else len(kept)
+            return (np.array([self.tokens], dtype=np.int64), np.array([length], dtype=np.int64),
+                    np.array([self.confidence], dtype=np.float32))
         kept = np.stack(self.kept, axis=1)
         lengths = np.cumprod(kept, axis=1, dtype=np.int64).sum(axis=1)
         return np.stack(self.tokens, axis=1), lengths, np.stack(self.confidence, axis=1).astype(np.float32)
@@ -462,12 +505,15 @@ class DraftLengthPolicy:
         (placeholders of resumed requests, a step the drafter did not run) are skipped."""
         rows = self.rows
         rows.align(req_ids)
+        num_rows = len(req_ids)
+        if num_rows == 1 and self.host_math:
+            self._observe_one(scheduled[0], int(num_accepted[0]))
+            return
         # Taken before anything can fail: a step whose feedback failed learns nothing, and
         # the next step never matches its verification against these drafts.
         pending_len = rows.pending_len.copy()
         rows.pending_len.fill(-1)
         raise_if_injected("spec:feedback")
-        num_rows = len(req_ids)
         drafted = np.fromiter((len(t) for t in scheduled), dtype=np.int64, count=num_rows)
         candidates = np.flatnonzero((drafted > 0) & (pending_len >= drafted)).tolist()
         if not candidates:
@@ -508,6 +554,31 @@ class DraftLengthPolicy:
             rows.acceptance_ema[matched] = ema.numpy()
         self._count_verification(rows, matched, drafted, accepted)
 
+    def _observe_one(self, scheduled: Sequence[int], num_accepted: int) -> None:
+        """`observe_verification` of a batch of one on the host, in Python values (the same
+        state as the array path: test_spec_policy_host_math.py)."""
+        rows = self.rows
+        pending_len = int(rows.pending_len[0])
+        rows.pending_len[0] = -1
+        raise_if_injected("spec:feedback")
+        drafted = len(scheduled)
+        if not 0 < drafted <= pending_len or rows.pending_tokens[0][:drafted] != list(scheduled):
+            return
+        accepted = min(max(num_accepted, 0), drafted)
+        self.calibrator.update_one(rows.pending_conf[0, :drafted].tolist(), accepted)
+        if isinstance(self.rule, AdaEDLStopRule):
+            lam, ema = self.rule.update_lambda_one(
+                f32(rows.lam[0]), f32(rows.acceptance_ema[0]), drafted, accepted,
+                self.config.max_draft_tokens)
+            rows.lam[0] = lam
+            rows.acceptance_ema[0] = ema
+        rows.accepted[0] = rows.accepted[0] * ACCEPTANCE_DECAY + accepted
+        rows.observed[0] = rows.observed[0] * ACCEPTANCE_DECAY + min(accepted + 1, drafted)
+        counters = self.counters
+        counters.verified_drafts += 1
+        counters.verified_tokens += drafted
+        counters.accepted_tokens += accepted
+
     def _count_verification(
         self, rows: RowStates, matched: np.ndarray, drafted: np.ndarray, accepted: np.ndarray
     ) -> None:
@@ -528,10 +599,8 @@ class DraftLengthPolicy:
         k = min(k_max, self.config.max_draft_tokens)
         if self.controller is not None:
             raise_if_injected("spec:controller")
-            width = self.controller.max_draft_tokens
             rates = self.row_acceptance(decoding, self.engine_acceptance())
-            acceptance = torch.from_numpy(rates).unsqueeze(1).expand(len(rates), width)
-            k = min(k, self.controller.decide(acceptance))
+            k = min(k, self.controller.decide_rates(rates))
         if self._auto_threshold:
             self._update_threshold(int(decoding.sum()))
         self.counters.proposals += 1
@@ -555,8 +624,10 @@ class DraftLengthPolicy:
     ) -> list[list[int]]:
         """Each row's draft: the tokens its stop rule kept (a prefix of the steps run)."""
         raise_if_injected("spec:finish")
-        decoding = np.asarray(decoding, dtype=bool)
         steps = draft.steps
+        if draft.one_row and steps > 0:
+            return [self._finish_one(draft, bool(decoding[0]))]
+        decoding = np.asarray(decoding, dtype=bool)
         if steps == 0:
             drafts: list[list[int]] = [[] for _ in req_ids]
             lengths = np.zeros(len(req_ids), dtype=np.int64)
@@ -584,6 +655,28 @@ class DraftLengthPolicy:
         counters.rule_stops += stopped
         counters.cap_reached += len(decoded) - stopped
         return drafts
+
+    def _finish_one(self, draft: DraftInProgress, decoding: bool) -> list[int]:
+        """`finish` of a batch of one whose draft ran on the one-row path (the same state)."""
+        steps, kept = draft.steps, draft.kept
+        length = kept.index(False) if False in kept else steps
+        tokens = draft.tokens[:length]
+        rows, counters = self.rows, self.counters
+        counters.draft_passes += steps
+        if steps < draft.k:
+            counters.early_exits += 1
+        if decoding:
+            rows.pending_tokens = [tokens]
+            rows.pending_conf[0, :steps] = draft.confidence
+            rows.pending_len[0] = length
+            counters.draft_rows += 1
+            counters.draft_tokens += length
+            counters.length_histogram[length] += 1
+            if length < draft.k:
+                counters.rule_stops += 1
+            else:
+                counters.cap_reached += 1
+        return tokens
 
     def observe_step(
         self, num_rows: int, num_tokens: int, verify_seconds: float | None,

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -151,6 +153,65 @@ def host_draft_stats(
     )
 
 
+class RowStats(NamedTuple):
+    """`HostStats` of one row as Python floats (float32 values): the one-row (batch 1) path."""
+
+    entropy: float | None
+    top_prob: float
+    token_prob: float
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def f32(value: float) -> float:
+    """`value` rounded to float32, as a Python float (a struct round trip: a tenth of a
+    microsecond, a third of np.float32's). Python's float64 arithmetic on float32 values, rounded
+    after each +, -, *, / or sqrt, gives numpy's float32 result exactly."""
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+
+
+def host_row_stats(
+    logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor | None = None,
+    entropy: bool = True,
+) -> RowStats | None:
+    """`host_draft_stats` of a one-row CPU draft step as Python floats: `logits` [1, V], the
+    drafted token [1], and `probs` [1, V] it was sampled from, or None for greedy drafting, whose
+    token is the argmax of the logits, so its probability is the top one. CPU tensors without grad (the caller's one-row path checks). One fused softmax over the row
+    (and a dot for the entropy), nothing on one-element arrays. None when the row has no finite
+    logit: the caller takes `host_draft_stats`."""
+    if probs is None:
+        p = torch.softmax(logits, dim=-1, dtype=torch.float32).numpy()[0]
+        best = int(p.argmax())
+        top = float(p[best])
+        if not top > 0.0:  # no finite logit (NaN)
+            return None
+        row_entropy = None
+        if entropy:
+            x = logits.numpy()[0] if logits.dtype == torch.float32 else logits.float().numpy()[0]
+            # H = lse - sum p x, with lse = x[best] - log p[best] (the largest p: the most precise).
+            spread = float(np.dot(p, x))
+            if math.isnan(spread):  # masked tokens: probability 0 times -inf
+                spread = float(np.dot(p, np.where(p > 0, x, 0.0)))
+            row_entropy = f32(max(float(x[best]) - math.log(top) - spread, 0.0))
+        top = f32(top)
+        return RowStats(entropy=row_entropy, top_prob=top, token_prob=top)
+    token = token_ids.item()
+    p = probs.numpy()[0] if probs.dtype == torch.float32 else probs.float().numpy()[0]
+    top = float(p.max())
+    if not top > 0.0:
+        return None
+    row_entropy = None
+    if entropy:
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+        spread = float(np.dot(p, log_p))
+        if math.isnan(spread):  # masked tokens: probability 0 times -inf
+            spread = float(np.dot(p, np.where(p > 0, log_p, 0.0)))
+        row_entropy = f32(max(-spread, 0.0))
+    return RowStats(entropy=row_entropy, top_prob=f32(top), token_prob=f32(float(p[token])))
+
+
 def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`values` (on the host) on `device`. To a GPU, through pinned memory with a non-blocking
     copy: a copy from pageable memory waits for all the work queued on the stream."""
@@ -219,6 +280,10 @@ class StopRule(Protocol):
         self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray
     ) -> HostDecision: ...
 
+    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+        """`decide_host` of one row in Python floats: (stop, keep, log_survival after)."""
+        ...
+
 
 class HostDecision(NamedTuple):
     """`StopDecision` on the host: bool / float32 numpy arrays [R]; `log_survival` is the
@@ -255,6 +320,9 @@ class NoStopRule:
     def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
         return _host_decision(np.zeros(len(stats.top_prob), dtype=bool), True, log_survival)
 
+    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+        return False, True, log_survival
+
 
 @dataclasses.dataclass(frozen=True)
 class EntropyStopRule:
@@ -282,6 +350,11 @@ class EntropyStopRule:
         assert stats.entropy is not None
         return _host_decision(stats.entropy > np.float32(self.threshold), self.keep_stopping_token,
                               log_survival)
+
+    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+        assert stats.entropy is not None
+        stop = stats.entropy > f32(self.threshold)
+        return stop, self.keep_stopping_token or not stop, log_survival
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +403,12 @@ class AdaEDLStopRule:
         bound = np.float32(1.0) - np.sqrt(np.float32(self.gamma) * np.maximum(stats.entropy, np.float32(0.0)))
         return _host_decision(bound < lam, self.keep_stopping_token, log_survival)
 
+    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+        assert stats.entropy is not None
+        bound = f32(1.0 - f32(math.sqrt(f32(f32(self.gamma) * max(stats.entropy, 0.0)))))
+        stop = bound < lam
+        return stop, self.keep_stopping_token or not stop, log_survival
+
     def update_lambda(
         self,
         lam: torch.Tensor,
@@ -360,6 +439,24 @@ class AdaEDLStopRule:
         proposal = lam + self.step * direction
         moved = (self.beta2 * lam + (1.0 - self.beta2) * proposal).clamp(0.0, 1.0)
         return torch.where(drafted, moved, lam), ema
+
+    def update_lambda_one(
+        self, lam: float, acceptance_ema: float, num_drafted: int, num_accepted: int,
+        max_draft_tokens: int,
+    ) -> tuple[float, float]:
+        """`update_lambda_host` of one request that drafted `num_drafted` > 0 tokens, in Python
+        floats rounded to float32 after each operation (the array path's values exactly)."""
+        if not self.adapt:
+            return lam, acceptance_ema
+        rate = f32(num_accepted / num_drafted)
+        ema = f32(f32(f32(self.beta1) * acceptance_ema) + f32(f32(1.0 - self.beta1) * rate))
+        if ema < f32(self.target_acceptance):
+            direction = 1.0
+        else:
+            direction = -1.0 if num_accepted < max_draft_tokens else 0.0
+        proposal = f32(lam + f32(self.step) * direction)
+        moved = f32(f32(f32(self.beta2) * lam) + f32(f32(1.0 - self.beta2) * proposal))
+        return min(max(moved, 0.0), 1.0), ema
 
     def update_lambda_host(
         self, lam: np.ndarray, acceptance_ema: np.ndarray, num_drafted: np.ndarray,
@@ -417,6 +514,11 @@ class SpecDecStopRule:
         after = log_survival + self.calibrator.log_acceptance_host(confidence)
         return _host_decision(-np.expm1(after) > np.float32(self.threshold), True, after)
 
+    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+        confidence = stats.top_prob if self.confidence == "top_prob" else stats.token_prob
+        after = f32(log_survival + self.calibrator.log_acceptance_of(confidence))
+        return f32(-math.expm1(after)) > f32(self.threshold), True, after
+
 
 def verification_outcomes(
     draft_lengths: torch.Tensor, num_accepted: torch.Tensor, width: int
@@ -447,8 +549,11 @@ class AcceptanceCalibrator:
     accepted draft tokens plus `prior` pseudo-observations at an acceptance equal to the bin's
     centre (a calibrated draft's confidence). estimate = (prior * centre + accepted) /
     (prior + observed). Each `update` first multiplies the counts by `decay` (1: no forgetting;
-    0.999: about the last thousand updates count). State: two float64 vectors of `num_bins`;
-    sums are plain reductions, so the same inputs always give the same state.
+    0.999: about the last thousand updates count). State: two float64 numpy vectors of
+    `num_bins` on the host (updated once per engine step from host values); sums are plain
+    reductions, so the same inputs always give the same state. The table a step reads
+    (float32 estimates and their logarithms, log taken in float64) is rebuilt once per update,
+    and copied to a device only when a device path asks for it.
     """
 
     def __init__(
@@ -469,26 +574,45 @@ class AcceptanceCalibrator:
         self.num_bins = num_bins
         self.prior = float(prior)
         self.decay = float(decay)
-        self.centres = (torch.arange(num_bins, dtype=torch.float64, device=device) + 0.5) / num_bins
-        self.observed = torch.zeros(num_bins, dtype=torch.float64, device=device)
-        self.accepted = torch.zeros(num_bins, dtype=torch.float64, device=device)
-        # (device, estimates float32, log estimates float32), rebuilt after each update: every
-        # draft step reads the table, and the counts change once per engine step.
-        self._tables: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._centres = (np.arange(num_bins, dtype=np.float64) + 0.5) / num_bins
+        self.observed = np.zeros(num_bins, dtype=np.float64)
+        self.accepted = np.zeros(num_bins, dtype=np.float64)
+        # Rebuilt after each update (every draft step reads the table; the counts change once
+        # per engine step): (estimates float32, log estimates float32) on the host, as numpy
+        # arrays and as Python lists (one-row lookups), and the same on a device when asked.
+        self._host: tuple[np.ndarray, np.ndarray, list[float]] | None = None
+        self._device: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def centres(self) -> torch.Tensor:
+        """Each bin's centre, float64 [num_bins]."""
+        return torch.from_numpy(self._centres.copy())
 
     def bins(self, confidence: torch.Tensor) -> torch.Tensor:
         """The bin of each confidence (int64, same shape); values outside [0, 1] are clamped."""
         return (confidence.double() * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
 
+    def estimates_host(self) -> np.ndarray:
+        """The acceptance estimate of each bin, float64 numpy [num_bins], in (0, 1)."""
+        return (self.prior * self._centres + self.accepted) / (self.prior + self.observed)
+
     def estimates(self) -> torch.Tensor:
         """The acceptance estimate of each bin, float64 [num_bins], in (0, 1)."""
-        return (self.prior * self.centres + self.accepted) / (self.prior + self.observed)
+        return torch.from_numpy(self.estimates_host())
+
+    def _host_table(self) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        if self._host is None:
+            estimates = self.estimates_host()
+            log_table = np.log(estimates).astype(np.float32)
+            self._host = (estimates.astype(np.float32), log_table, log_table.tolist())
+        return self._host
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tables is None or self._tables[0] != device:
-            table = host_to_device(self.estimates().to(torch.float32), device)
-            self._tables = (device, table, torch.log(table))
-        return self._tables[1], self._tables[2]
+        if self._device is None or self._device[0] != device:
+            table, log_table, _ = self._host_table()
+            self._device = (device, host_to_device(torch.from_numpy(table), device),
+                            host_to_device(torch.from_numpy(log_table), device))
+        return self._device[1], self._device[2]
 
     def acceptance(self, confidence: torch.Tensor) -> torch.Tensor:
         """The estimated acceptance probability for each confidence (float32, same shape)."""
@@ -504,12 +628,23 @@ class AcceptanceCalibrator:
         scaled = np.fmax(confidence.astype(np.float64) * self.num_bins, 0.0)  # fmax: NaN -> 0
         return np.minimum(scaled, self.num_bins - 1).astype(np.int64)  # >= 0: truncation = floor
 
+    def bin_of(self, confidence: float) -> int:
+        """`host_bins` of one confidence (a Python float)."""
+        scaled = confidence * self.num_bins
+        if not scaled > 0.0:  # NaN too
+            return 0
+        return int(min(scaled, self.num_bins - 1))
+
     def log_acceptance_host(self, confidence: np.ndarray) -> np.ndarray:
         """`log_acceptance` of numpy confidences (float32, same shape), from the same table."""
-        return self._table(_CPU)[1].numpy()[self.host_bins(confidence)]
+        return self._host_table()[1][self.host_bins(confidence)]
+
+    def log_acceptance_of(self, confidence: float) -> float:
+        """`log_acceptance` of one confidence, as a Python float (a float32 value)."""
+        return self._host_table()[2][self.bin_of(confidence)]
 
     def update_host(self, confidence: np.ndarray, accepted: np.ndarray) -> None:
-        """`update` from numpy arrays on the host: the same counts (float64 sums of ones)."""
+        """Add observed tokens (numpy): their confidences and whether verification accepted each."""
         if confidence.shape != accepted.shape:
             raise ValueError(
                 f"confidence and accepted must have one shape, got {confidence.shape} and {accepted.shape}"
@@ -518,9 +653,25 @@ class AcceptanceCalibrator:
         observed = np.bincount(bins, minlength=self.num_bins).astype(np.float64)
         accepted_counts = np.bincount(bins, weights=accepted.reshape(-1).astype(np.float64),
                                       minlength=self.num_bins)
-        self.observed = torch.from_numpy(self.observed.numpy() * self.decay + observed)
-        self.accepted = torch.from_numpy(self.accepted.numpy() * self.decay + accepted_counts)
-        self._tables = None
+        self.observed = self.observed * self.decay + observed
+        self.accepted = self.accepted * self.decay + accepted_counts
+        self._host = self._device = None
+
+    def update_one(self, confidence: Sequence[float], num_accepted: int) -> None:
+        """`update_from_verification_host` of one draft, from Python values: `confidence` of
+        its drafted positions (float32 values), `num_accepted` of them accepted (clamped)."""
+        if self.decay != 1.0:
+            self.observed = self.observed * self.decay
+            self.accepted = self.accepted * self.decay
+        observed, accepted = self.observed, self.accepted
+        drafted = len(confidence)
+        num_accepted = min(max(num_accepted, 0), drafted)
+        for i in range(min(num_accepted + 1, drafted)):  # the accepted prefix and the rejection
+            b = self.bin_of(confidence[i])
+            observed[b] += 1.0
+            if i < num_accepted:
+                accepted[b] += 1.0
+        self._host = self._device = None
 
     def update_from_verification_host(
         self, confidence: np.ndarray, draft_lengths: np.ndarray, num_accepted: np.ndarray
@@ -545,13 +696,7 @@ class AcceptanceCalibrator:
                 f"confidence and accepted must have one shape, got {tuple(confidence.shape)} "
                 f"and {tuple(accepted.shape)}"
             )
-        device = self.observed.device
-        index = self.bins(confidence.reshape(-1).to(device))
-        one_hot = (index.unsqueeze(1) == torch.arange(self.num_bins, device=device)).double()
-        hits = accepted.reshape(-1).to(device=device, dtype=torch.float64).unsqueeze(1)
-        self.observed = self.observed * self.decay + one_hot.sum(dim=0)
-        self.accepted = self.accepted * self.decay + (one_hot * hits).sum(dim=0)
-        self._tables = None
+        self.update_host(confidence.detach().cpu().numpy(), accepted.detach().cpu().numpy())
 
     def update_from_verification(
         self, confidence: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor
