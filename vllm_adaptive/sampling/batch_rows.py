@@ -8,9 +8,41 @@ are never written; `rows` must not repeat a row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vllm_adaptive.kernels.row_stats import check_rows
+
+
+# Off CUDA, `in_row_chunks` hands a sampler at most this many logits at once: its working
+# memory (a few bytes per logit) stays a few MiB whatever the batch and vocabulary.
+CPU_CHUNK_LOGITS = 1 << 20
+
+
+def in_row_chunks(
+    apply: Callable[..., torch.Tensor | None], logits: torch.Tensor, rows: torch.Tensor | None,
+    *per_row: torch.Tensor,
+) -> torch.Tensor | None:
+    """`apply(logits, *per_row, rows)`, which masks rows in place and returns a value per
+    selected row [K] or None, run over the selected rows in chunks of at most CPU_CHUNK_LOGITS
+    logits (one row at a time beyond that vocabulary) off CUDA, and in one call on CUDA, where
+    each chunk would cost kernel launches. `apply` must treat rows independently; with `rows`
+    None it gets views of `logits` (its in-place writes land in `logits`). Besides bounding the
+    working memory, a chunk's rows stay in cache between the passes over them."""
+    count = logits.shape[0] if rows is None else rows.shape[0]
+    step = max(1, CPU_CHUNK_LOGITS // max(logits.shape[1], 1))
+    if logits.is_cuda or count <= step:
+        return apply(logits, *per_row, rows)
+    parts = []
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        chunk = [value[start:stop] for value in per_row]
+        if rows is None:
+            parts.append(apply(logits[start:stop], *chunk, None))
+        else:
+            parts.append(apply(logits, *chunk, rows[start:stop]))
+    return None if parts[0] is None else torch.cat(parts)
 
 
 def check_batch(

@@ -23,6 +23,7 @@ Threshold form: p < c is logit < lse + ln c, so each row's keep-set is one logit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -30,7 +31,7 @@ import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
-from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.batch_rows import check_batch, in_row_chunks
 from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
@@ -64,13 +65,23 @@ def apply_epsilon_eta_(
     eta_cutoff: torch.Tensor,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mask tokens below either cutoff to -inf in place, on `rows` (every row when None)."""
+    """Mask tokens below either cutoff to -inf in place, on `rows` (every row when None).
+    Off CUDA in chunks of rows (`batch_rows.in_row_chunks`: bounded working memory, and each
+    chunk's passes run on rows still in cache)."""
     check_batch("apply_epsilon_eta_", logits, rows, epsilon=epsilon, eta_cutoff=eta_cutoff)
     # The entropy costs two passes on CPU and only eta reads it (a host read is free there).
     uses_eta = logits.is_cuda or bool((eta_cutoff > 0).any())
+    in_row_chunks(functools.partial(_apply_rows_, uses_eta=uses_eta), logits, rows, epsilon, eta_cutoff)
+    return logits
+
+
+def _apply_rows_(
+    logits: torch.Tensor, epsilon: torch.Tensor, eta_cutoff: torch.Tensor, rows: torch.Tensor | None,
+    uses_eta: bool,
+) -> None:
     fields = ("row_max", "lse", "entropy") if uses_eta else ("row_max", "lse")
     stats = row_stats(logits, rows, fields=fields)
-    return threshold_mask_(logits, keep_threshold(stats, epsilon, eta_cutoff), rows)
+    threshold_mask_(logits, keep_threshold(stats, epsilon, eta_cutoff), rows)
 
 
 def keep_set_reference(logits: torch.Tensor, epsilon: float, eta_cutoff: float) -> torch.Tensor:

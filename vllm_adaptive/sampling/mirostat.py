@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vllm_adaptive.sampling.batch_rows import check_batch, selected, write_rows_
+from vllm_adaptive.sampling.batch_rows import check_batch, in_row_chunks, selected, write_rows_
 from vllm_adaptive.sampling.definition import STATE_KEY, SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
@@ -58,8 +58,21 @@ def apply_keep_set_(
     renormalised distribution, needed later to measure the surprise of the token that gets
     sampled. Rows whose logits are all -inf are left as they are (their normaliser is -inf).
     One exponential pass serves both normalisers (`keep_threshold`'s lse and the kept one).
+
+    Off CUDA the selected rows go through in chunks (`batch_rows.in_row_chunks`), so the
+    step's working memory (the rows' weights and drop mask, 5 bytes per logit) is a few MiB
+    whatever the batch and vocabulary, not 1.25x the logits.
     """
     check_batch("mirostat_v2", logits, rows, mu=mu)
+    kept_lse = in_row_chunks(_apply_keep_set_rows_, logits, rows, mu)
+    assert kept_lse is not None
+    return kept_lse
+
+
+def _apply_keep_set_rows_(
+    logits: torch.Tensor, mu: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`apply_keep_set_` of the selected rows in one pass."""
     sub = selected(logits, rows)
     row_max = sub.amax(dim=-1)
     shift = torch.where(row_max > float("-inf"), row_max, 0.0)

@@ -40,7 +40,7 @@ import torch
 from vllm_adaptive.kernels.row_stats import row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
 from vllm_adaptive.sampling import mirostat
-from vllm_adaptive.sampling.batch_rows import check_batch, selected
+from vllm_adaptive.sampling.batch_rows import check_batch, in_row_chunks, selected
 from vllm_adaptive.sampling.definition import STATE_KEY, SamplerDefinition
 from vllm_adaptive.sampling.mirostat import initial_mu, observed_surprise, update_mu
 from vllm_adaptive.sampling.param_spec import NumberParam
@@ -104,8 +104,20 @@ def apply_keep_set_(
     """Mask, in place, every token outside each selected row's top-k to -inf.
 
     Returns the logsumexp [K] of each selected row's kept logits (the normaliser for
-    `observed_surprise`). Rows whose logits are all -inf stay as they are.
+    `observed_surprise`). Rows whose logits are all -inf stay as they are. Off CUDA in chunks
+    of rows (`batch_rows.in_row_chunks`): the working memory of the top-k, the mask and the
+    normaliser is a few MiB whatever the batch and vocabulary.
     """
+    check_batch("mirostat_v1", logits, rows, mu=mu, m=m)
+    kept_lse = in_row_chunks(_apply_keep_set_rows_, logits, rows, mu, m)
+    assert kept_lse is not None
+    return kept_lse
+
+
+def _apply_keep_set_rows_(
+    logits: torch.Tensor, mu: torch.Tensor, m: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`apply_keep_set_` of the selected rows in one pass (checked inputs)."""
     k, top = _keep_k_and_top(logits, mu, m, rows)
     vocab = logits.shape[1]
     k_max = int(k.max()) if k.numel() else 1

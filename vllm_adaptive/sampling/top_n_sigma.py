@@ -23,7 +23,7 @@ import torch
 
 from vllm_adaptive.kernels.row_stats import RowStats, row_stats
 from vllm_adaptive.kernels.threshold_mask import threshold_mask_
-from vllm_adaptive.sampling.batch_rows import check_batch
+from vllm_adaptive.sampling.batch_rows import check_batch, in_row_chunks
 from vllm_adaptive.sampling.definition import SamplerDefinition
 from vllm_adaptive.sampling.param_spec import NumberParam
 
@@ -42,10 +42,16 @@ def keep_threshold(stats: RowStats, n: torch.Tensor) -> torch.Tensor:
 def apply_top_n_sigma_(
     logits: torch.Tensor, n: torch.Tensor, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mask tokens below max - n * std to -inf in place, on `rows` (every row when None)."""
+    """Mask tokens below max - n * std to -inf in place, on `rows` (every row when None).
+    Off CUDA in chunks of rows (`batch_rows.in_row_chunks`)."""
     check_batch("apply_top_n_sigma_", logits, rows, n=n)
+    in_row_chunks(_apply_rows_, logits, rows, n)
+    return logits
+
+
+def _apply_rows_(logits: torch.Tensor, n: torch.Tensor, rows: torch.Tensor | None) -> None:
     stats = row_stats(logits, rows, fields=("row_max", "std"))
-    return threshold_mask_(logits, keep_threshold(stats, n), rows)
+    threshold_mask_(logits, keep_threshold(stats, n), rows)
 
 
 def keep_set_reference(logits: torch.Tensor, n: float) -> torch.Tensor:
