@@ -141,7 +141,8 @@ def run_engine(spec: Mapping[str, Any]) -> dict[str, Any]:
     if config.kind == "ead":
         import vllm_adaptive
 
-        kwargs = vllm_adaptive.engine_kwargs({"routing": {"enabled": True, "mode": config.mode}},
+        routing = {"enabled": True, "mode": config.mode, "large_draft_tokens": spec.get("large_draft_tokens")}
+        kwargs = vllm_adaptive.engine_kwargs({"routing": routing},
                                              speculative_config=speculative, **engine)
     else:
         kwargs = {**engine, **({"speculative_config": speculative} if config.kind == "fixed" else {})}
@@ -619,6 +620,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ead-k", type=int, default=DEFAULT_EAD_K, help="draft length of the routed engines")
     parser.add_argument("--ead-window", type=int, default=5, help="ead_window of every EAD request")
     parser.add_argument("--ead-min-stint", type=int, default=0, help="ead_min_stint of every EAD request")
+    parser.add_argument("--ead-large-draft", type=int, default=None,
+                        help="routing.large_draft_tokens of the routed engines (default: null, drafts to K)")
     parser.add_argument("--batch1-prompts", type=int, default=8, help="prompts per task timed one at a time")
     parser.add_argument("--control-prompts", type=int, default=30, help="prompts per task the random control runs")
     parser.add_argument("--repeats", type=int, default=2)
@@ -647,6 +650,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--taus: give at least one tau, each in (0, inf) bits, got {args.taus}")
     if args.ead_k < 1:
         parser.error(f"--ead-k must be >= 1, got {args.ead_k}")
+    if args.ead_large_draft is not None and args.ead_large_draft < 1:
+        parser.error(f"--ead-large-draft must be >= 1, got {args.ead_large_draft}")
     if args.n < 1 or args.repeats < 1:
         parser.error(f"--n and --repeats must be >= 1, got {args.n} and {args.repeats}")
     for name in ("batch1_prompts", "control_prompts"):
@@ -683,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         random.Random(repeat).shuffle(order)
         for config in order:
             print(f"repeat {repeat + 1}/{args.repeats}: {config.name}", file=sys.stderr, flush=True)
-            spec = {**base_spec, "config": dataclasses.asdict(config), "taus": args.taus, "ead_keys": ead_keys}
+            spec = {**base_spec, "config": dataclasses.asdict(config), "taus": args.taus, "ead_keys": ead_keys,
+                    "large_draft_tokens": args.ead_large_draft}
             result = run_in_subprocess("engine", spec, out / "engines", f"r{repeat}-{config.name}")
             runs.append({"repeat": repeat, **result})
             measurements += [{**score(m, examples[m["task"]]), "repeat": repeat} for m in result["measurements"]]
@@ -705,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     footer = format_footer(checks, args.control_prompts)
     meta = {"created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "target": target,
             "draft": draft, "tasks": args.task_list, "n": args.n, "seed": args.seed, "ks": args.ks,
-            "taus": args.taus, "ead_k": args.ead_k, **ead_keys, "batch1_prompts": args.batch1_prompts,
+            "taus": args.taus, "ead_k": args.ead_k, "ead_large_draft": args.ead_large_draft, **ead_keys,
+            "batch1_prompts": args.batch1_prompts,
             "control_prompts": args.control_prompts, "control_seed": args.control_seed, "repeats": args.repeats,
             "max_tokens": args.max_tokens, "kv_cache_bytes": args.kv_cache_bytes, "engine_args": args.engine_args,
             "engine_seconds": {f"r{r['repeat']}-{r['config']}": r["seconds"] for r in runs},

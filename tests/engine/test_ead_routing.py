@@ -59,11 +59,12 @@ class RoutedEngine:
     """One engine with `routing.enabled`; `run` generates a batch and returns its token ids and
     the routing counters' change."""
 
-    def __init__(self, target: Path, draft: Path) -> None:
+    def __init__(self, target: Path, draft: Path, large_draft_tokens: int | None = None) -> None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a callable
         spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
+        routing = {"enabled": True, "mode": "faithful", "large_draft_tokens": large_draft_tokens}
         self.llm = LLM(str(target), **vllm_adaptive.engine_kwargs(
-            {"routing": {"enabled": True, "mode": "faithful"}}, speculative_config=spec, **ENGINE))
+            {"routing": routing}, speculative_config=spec, **ENGINE))
 
     def counters(self) -> dict[str, Any]:
         [state] = self.llm.collective_rpc(adaptive_worker_state)
@@ -182,3 +183,35 @@ def test_both_models_write_and_switch_at_a_middle_tau(pair: Pair) -> None:
         assert counters["small_tokens"] > 0 and counters["large_tokens"] > len(pair.prompts), counters
         assert counters["switches_to_large"] > 0 and counters["switches_to_small"] > 0, counters
         assert_counts_add_up(run, [True] * len(pair.prompts))
+
+
+@pytest.fixture(scope="module")
+def short_large_drafts(tiny_model: Path) -> Iterator[RoutedEngine]:
+    """The tiny pair with `routing.large_draft_tokens: 1`: a speculative draft ends at its first
+    LARGE position."""
+    engine = RoutedEngine(tiny_model, ensure_truncated_draft(tiny_model, 1), large_draft_tokens=1)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("pair", ["tiny"], indirect=True)
+def test_drafts_that_end_at_a_large_position_keep_both_references(
+    pair: Pair, short_large_drafts: RoutedEngine
+) -> None:
+    count = len(pair.prompts)
+    low = short_large_drafts.run(pair.prompts, [{**LOW, "ead_mode": "speculative"}] * count)
+    assert low["tokens"] == pair.plain
+    assert low["counters"]["small_tokens"] == 0
+    assert_counts_add_up(low, [True] * count)
+    # Every position LARGE: one draft pass per step, where the engine without the setting
+    # drafts K per step.
+    drafted_to_k = pair.run("low-speculative", [{**LOW, "ead_mode": "speculative"}] * count)
+    assert low["counters"]["draft_passes"] < drafted_to_k["counters"]["draft_passes"]
+    high = short_large_drafts.run(pair.prompts, [{**HIGH, "ead_mode": "speculative"}] * count)
+    assert high["tokens"] == small_model_continuations(pair.draft, pair.target, pair.prompts, high["tokens"])
+    assert_counts_add_up(high, [True] * count)
+    middle = short_large_drafts.run(
+        pair.prompts, [{"ead": True, "ead_tau": 9.0, "ead_window": 1, "ead_mode": "speculative"}] * count)
+    counters = middle["counters"]
+    assert counters["small_tokens"] > 0 and counters["large_tokens"] > count, counters
+    assert_counts_add_up(middle, [True] * count)

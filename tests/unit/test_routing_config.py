@@ -20,6 +20,7 @@ def test_defaults() -> None:
         "min_stint": 0,
         "mode": "speculative",
         "max_window": 32,
+        "large_draft_tokens": None,
     }
 
 
@@ -27,11 +28,12 @@ def test_reads_from_yaml_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "adaptive.yaml"
     path.write_text(
         "routing:\n  enabled: true\n  default_on: true\n  tau: 2\n  window: 64\n"
-        "  min_stint: 1024\n  mode: faithful\n  max_window: 256\n"
+        "  min_stint: 1024\n  mode: faithful\n  max_window: 256\n  large_draft_tokens: 2\n"
     )
     config = AdaptiveConfig.from_file(path)
     assert config.routing == RoutingConfig(
-        enabled=True, default_on=True, tau=2.0, window=64, min_stint=1024, mode="faithful", max_window=256
+        enabled=True, default_on=True, tau=2.0, window=64, min_stint=1024, mode="faithful", max_window=256,
+        large_draft_tokens=2,
     )
     assert isinstance(config.routing.tau, float)
     assert AdaptiveConfig.from_dict(config.to_dict()) == config
@@ -55,6 +57,10 @@ def test_reads_from_yaml_and_round_trips(tmp_path: Path) -> None:
         ({"max_window": 0}, "a.yaml: routing.max_window must be an integer in [1, 256], got 0"),
         ({"max_window": 257}, "a.yaml: routing.max_window must be an integer in [1, 256], got 257"),
         ({"mode": "lossy"}, "a.yaml: routing.mode must be one of ['faithful', 'speculative'], got 'lossy'"),
+        ({"large_draft_tokens": 0},
+         "a.yaml: routing.large_draft_tokens must be an integer in [1, 128] or null, got 0"),
+        ({"large_draft_tokens": 129},
+         "a.yaml: routing.large_draft_tokens must be an integer in [1, 128] or null, got 129"),
         ({"enabled": "yes"}, "a.yaml: routing.enabled must be a bool, got 'yes'"),
         ({"default_on": True},
          "a.yaml: routing.default_on needs enabled: true (requests cannot use EAD by default on a "

@@ -31,8 +31,9 @@ def host_math(request: pytest.FixtureRequest) -> bool:
     return request.param
 
 
-def new_policy(capacity: int = 64) -> RoutingPolicy:
-    policy = RoutingPolicy(RoutingConfig(enabled=True), K, capacity=capacity, host_math=HOST_MATH)
+def new_policy(capacity: int = 64, large_draft_tokens: int | None = None) -> RoutingPolicy:
+    config = RoutingConfig(enabled=True, large_draft_tokens=large_draft_tokens)
+    policy = RoutingPolicy(config, K, capacity=capacity, host_math=HOST_MATH)
     assert policy.store.host == HOST_MATH
     return policy
 
@@ -99,6 +100,38 @@ def test_speculative_forces_small_positions_and_verifies_large_ones() -> None:
     assert drafts == [[100, 101, 102, 103], [110, 111, 112, 113]]  # b (no EAD): K tokens, verified
     assert plan.rows["a"].forced == (True, False, True, True) and plan.rows["a"].drop_bonus
     assert "b" not in plan.rows
+
+
+@pytest.mark.parametrize(("large_draft", "entropies", "forced"), [
+    (1, [LOW, HIGH, LOW, LOW], (True, False)),  # ends at the first LARGE position
+    (2, [HIGH, LOW, HIGH, LOW], (False, True, False)),  # at the second
+    (2, [LOW, HIGH, LOW, LOW], (True, False, True, True)),  # one LARGE position: to K
+])
+def test_speculative_draft_ends_at_its_large_draft_tokens_th_large_position(
+    large_draft: int, entropies: list[float], forced: tuple[bool, ...]
+) -> None:
+    policy = new_policy(large_draft_tokens=large_draft)
+    draft = policy.begin(["a"], [routing("speculative")], np.ones(1, dtype=bool))
+    steps = 0
+    for step, entropy in enumerate(entropies):
+        draft.record(torch.zeros(1, 8), torch.tensor([100 + step]), None,
+                     torch.tensor([entropy], dtype=torch.float64))
+        steps += 1
+        if draft.should_end():
+            break
+    assert steps == len(forced)  # the loop ends with the row's draft (no row needs all K)
+    drafts, plan = policy.finish(draft)
+    assert drafts == [[100 + i for i in range(len(forced))]]
+    assert plan.rows["a"].forced == forced
+    assert plan.rows["a"].drop_bonus == (len(forced) == K and forced[-1])
+
+
+def test_a_row_without_ead_keeps_the_loop_to_k_while_an_ead_draft_ends() -> None:
+    policy = new_policy(large_draft_tokens=1)
+    drafts, plan = draft_steps(policy, ["a", "b"], [routing("speculative"), None],
+                               [[LOW, 9.0], [HIGH, 9.0], [LOW, 9.0], [LOW, 9.0]])
+    assert drafts == [[100, 101], [110, 111, 112, 113]]
+    assert plan.rows["a"].forced == (True, False) and not plan.rows["a"].drop_bonus
 
 
 def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers() -> None:

@@ -26,6 +26,8 @@ ROUTING_MODES = ("faithful", "speculative")
 MAX_MIN_STINT = 1024
 # The largest `max_window` a deployment may allow (the machine keeps a [rows, max_window] window).
 MAX_WINDOW_LIMIT = 256
+# The largest `large_draft_tokens` (vLLM verifies at most 128 draft tokens per request).
+MAX_LARGE_DRAFT_TOKENS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,12 @@ class RoutingConfig:
     mode: str = "speculative"
     # The largest ead_window a request may ask for.
     max_window: int = 32
+    # Speculative mode: a request's draft ends at its `large_draft_tokens`-th LARGE position
+    # (the large model verifies those); null: every draft runs to K. With a long K, the small
+    # model's stints are drafted far (they are accepted without verification) while the large
+    # model's are not drafted past what it is likely to accept. The output does not depend on
+    # it except at draft ends (the position after a draft that ends LARGE is the large model's).
+    large_draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("enabled", "default_on"):
@@ -66,10 +74,14 @@ class RoutingConfig:
         _check_int("min_stint", self.min_stint, 0, MAX_MIN_STINT)
         if self.mode not in ROUTING_MODES:
             raise ConfigError(f"mode must be one of {list(ROUTING_MODES)}, got {shown(self.mode)}")
+        if self.large_draft_tokens is not None:
+            _check_int("large_draft_tokens", self.large_draft_tokens, 1, MAX_LARGE_DRAFT_TOKENS,
+                       suffix=" or null")
 
 
-def _check_int(key: str, value: Any, low: int, high: int, high_name: str | None = None) -> None:
+def _check_int(key: str, value: Any, low: int, high: int, high_name: str | None = None,
+               suffix: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(
-            f"{key} must be an integer in [{low}, {high_name or high}], got {shown(value)}"
+            f"{key} must be an integer in [{low}, {high_name or high}]{suffix}, got {shown(value)}"
         )

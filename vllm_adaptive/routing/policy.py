@@ -152,14 +152,28 @@ class RoutedDraft:
         else:
             self.faithful_t = torch.from_numpy(faithful).to(state.large.device)
             self.active = torch.from_numpy(routed).to(state.large.device)
+        # Speculative rows end their draft at their `large_draft`-th LARGE position (None: K).
+        large_draft = policy.config.large_draft_tokens
+        self.large_draft = None if large_draft is None or large_draft >= k else large_draft
+        speculative = routed & ~faithful
+        if self.large_draft is not None:
+            if self.host:
+                self.speculative_t: np.ndarray | torch.Tensor = speculative.copy()
+                self.large_count: np.ndarray | torch.Tensor = np.zeros(len(req_ids), dtype=np.int64)
+            else:
+                self.speculative_t = torch.from_numpy(speculative).to(state.large.device)
+                self.large_count = torch.zeros(len(req_ids), dtype=torch.int64, device=state.large.device)
         self.snapshots = [state]
         self.ran: list[np.ndarray | torch.Tensor] = []  # per step [B] bool: the machine stepped the row
         self.owners: list[np.ndarray | torch.Tensor] = []  # per step [B] bool: LARGE owns the position
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
-        # Rows that take all K steps (non-EAD decode rows, speculative EAD rows): while there
-        # are some, the loop never ends early.
-        self.full_length = bool(((decoding & ~routed) | (routed & ~faithful)).any())
+        # Rows that take all K steps (non-EAD decode rows, speculative EAD rows without a
+        # large_draft_tokens end): while there are some, the loop never ends early.
+        full = decoding & ~routed
+        if self.large_draft is None:
+            full = full | speculative
+        self.full_length = bool(full.any())
         self.can_end_early = (not self.full_length) and (self.host or state.large.device.type == "cpu")
         self.failed = False
 
@@ -184,6 +198,9 @@ class RoutedDraft:
         self.ran.append(active)
         self.owners.append(large & active)
         self.active = active & ~(large & self.faithful_t)
+        if self.large_draft is not None:
+            self.large_count = self.large_count + (large & active)
+            self.active = self.active & ~(self.speculative_t & (self.large_count >= self.large_draft))
         if token_ids is not None:
             self.tokens.append(token_ids)
         if probs is not None:
