@@ -19,6 +19,10 @@ ADAPTIVE_CONFIG ?=
 # "Speculative decoding with adaptive draft length"), or DRAFT_MODEL=small
 # ADAPTIVE_CONFIG=configs/ead.yaml for entropy-routed switching (README, "EAD").
 DRAFT_MODEL ?=
+# The draft length K with DRAFT_MODEL (vLLM's num_speculative_tokens; empty: the plugin's or
+# vLLM's default), e.g. DRAFT_TOKENS=16 with ADAPTIVE_CONFIG=configs/ead-long.yaml.
+DRAFT_TOKENS ?=
+comma := ,
 # On CPU, vLLM reserves gpu_memory_utilization (default 0.92) of *host RAM* for the KV cache;
 # a fixed small budget leaves room for other processes.
 KV_CACHE_BYTES ?= 2147483648
@@ -60,7 +64,7 @@ serve: setup
 	echo "Serving $$model as '$(SERVED_MODEL_NAME)' on http://$(HOST):$(PORT) with --plugin adaptive$${draft:+, draft model $$draft}"; \
 	exec $(BIN)/vllm serve "$$model" --plugin adaptive \
 		$(if $(ADAPTIVE_CONFIG),--adaptive-config $(ADAPTIVE_CONFIG)) \
-		$${draft:+--speculative-config "{\"method\": \"draft_model\", \"model\": \"$$draft\"}"} \
+		$${draft:+--speculative-config "{\"method\": \"draft_model\", \"model\": \"$$draft\"$(if $(DRAFT_TOKENS),$(comma) \"num_speculative_tokens\": $(DRAFT_TOKENS))}"} \
 		--served-model-name $(SERVED_MODEL_NAME) --host $(HOST) --port $(PORT) \
 		--kv-cache-memory-bytes $(KV_CACHE_BYTES) --max-model-len $(MAX_MODEL_LEN)
 

@@ -203,3 +203,11 @@ def test_controller_initial_k_defaults_below_a_small_max_draft_tokens() -> None:
     assert initial_k(AdaptiveConfig.from_dict({"speculative": {"max_draft_tokens": 8}}).speculative) == 4
     config = AdaptiveConfig.from_dict({"speculative": {"max_draft_tokens": 8, "controller_initial_k": 0}})
     assert initial_k(config.speculative) == 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    """The configs the README and `make serve` point at are valid plugin configs."""
+    config = AdaptiveConfig.from_file(path)
+    assert config.to_dict() != AdaptiveConfig().to_dict()  # each one switches something on
