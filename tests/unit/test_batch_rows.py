@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_adaptive.sampling import batch_rows, epsilon_eta, top_n_sigma
+from vllm_adaptive.sampling import batch_rows, epsilon_eta, mirostat, mirostat_v1, top_n_sigma
 from vllm_adaptive.sampling.batch_rows import write_rows_, write_rows_without_host_read_
 
 
@@ -37,6 +37,11 @@ CHUNKED = {
         logits, torch.zeros(k), torch.rand(k, generator=g) * 0.05, rows),
     "top_n_sigma": lambda logits, k, g, rows: top_n_sigma.apply_top_n_sigma_(
         logits, torch.rand(k, generator=g) * 2.0, rows),
+    # These return each row's kept normaliser, which must match too.
+    "mirostat_v2": lambda logits, k, g, rows: mirostat.apply_keep_set_(
+        logits, torch.rand(k, generator=g) * 6, rows),
+    "mirostat_v1": lambda logits, k, g, rows: mirostat_v1.apply_keep_set_(
+        logits, torch.rand(k, generator=g) * 6, torch.randint(2, 30, (k,), generator=g), rows),
 }
 
 
@@ -50,9 +55,11 @@ def test_chunked_samplers_mask_what_one_pass_masks(
     rows = torch.tensor([0, 2, 3, 5, 8]) if subset else None
     k = 5 if subset else 9
     one_pass = logits.clone()
-    CHUNKED[sampler](one_pass, k, torch.Generator().manual_seed(6), rows)  # 360 logits: one chunk
-    monkeypatch.setattr(batch_rows, "CPU_CHUNK_LOGITS", 80)  # 2 rows of 40 per chunk
+    expected = CHUNKED[sampler](one_pass, k, torch.Generator().manual_seed(6), rows)  # 360 logits: one chunk
+    monkeypatch.setattr(batch_rows, "CPU_CHUNK_LOGITS", 80)  # 2 rows of 40 per chunk, a last one of 1
     chunked = logits.clone()
-    CHUNKED[sampler](chunked, k, torch.Generator().manual_seed(6), rows)
+    returned = CHUNKED[sampler](chunked, k, torch.Generator().manual_seed(6), rows)
     assert torch.equal(chunked, one_pass)
+    if sampler.startswith("mirostat"):
+        assert torch.equal(returned, expected)
     assert (chunked == float("-inf")).sum() > (logits == float("-inf")).sum()  # it truncated

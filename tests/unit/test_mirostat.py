@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_adaptive.sampling import batch_rows, mirostat
+from vllm_adaptive.sampling import mirostat
 
 
 def surprise_bits(logits: torch.Tensor) -> torch.Tensor:
@@ -90,21 +90,3 @@ def test_rows_are_independent(seed: int, rows: int, vocab: int) -> None:
         mirostat.apply_keep_set_(single, mu[r : r + 1])
         assert torch.equal(batched[r], single[0])
 
-
-@pytest.mark.parametrize("subset", [False, True], ids=["every-row", "some-rows"])
-def test_chunked_rows_give_the_one_pass_result(monkeypatch: pytest.MonkeyPatch, subset: bool) -> None:
-    """Off CUDA the rows go through in chunks (bounded working memory): masks and normalisers
-    equal one pass over every row (chunks of 2 rows and a last one of 1 here)."""
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(9, 40, generator=gen) * 4
-    logits[2, :5] = float("-inf")
-    rows = torch.tensor([0, 2, 3, 5, 8]) if subset else None
-    mu = torch.rand(5 if subset else 9, generator=gen) * 6
-    one_pass = logits.clone()
-    expected = mirostat.apply_keep_set_(one_pass, mu, rows)  # 360 logits: one chunk
-    monkeypatch.setattr(batch_rows, "CPU_CHUNK_LOGITS", 80)  # 2 rows of 40 per chunk
-    chunked = logits.clone()
-    kept_lse = mirostat.apply_keep_set_(chunked, mu, rows)
-    assert torch.equal(chunked, one_pass)
-    assert torch.equal(kept_lse, expected)
-    assert (chunked == float("-inf")).sum() > (logits == float("-inf")).sum()  # it truncated

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_adaptive.sampling import batch_rows, mirostat, mirostat_v1
+from vllm_adaptive.sampling import mirostat, mirostat_v1
 
 NEG_INF = float("-inf")
 
@@ -108,23 +108,3 @@ def test_params() -> None:
         ("mirostat_tau", "(0, 40]"), ("mirostat_eta", "(0, 1]"), ("mirostat_m", "[2, 1000]")
     ]
 
-
-@pytest.mark.parametrize("subset", [False, True], ids=["every-row", "some-rows"])
-def test_chunked_rows_give_the_one_pass_result(monkeypatch: pytest.MonkeyPatch, subset: bool) -> None:
-    """Off CUDA the rows go through in chunks (bounded working memory): masks and normalisers
-    equal one pass over every row (chunks of 2 rows and a last one of 1 here)."""
-    gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(9, 40, generator=gen) * 4
-    logits[2, :5] = float("-inf")
-    rows = torch.tensor([0, 2, 3, 5, 8]) if subset else None
-    count = 5 if subset else 9
-    mu = torch.rand(count, generator=gen) * 6
-    m = torch.randint(2, 30, (count,), generator=gen)
-    one_pass = logits.clone()
-    expected = mirostat_v1.apply_keep_set_(one_pass, mu, m, rows)  # 360 logits: one chunk
-    monkeypatch.setattr(batch_rows, "CPU_CHUNK_LOGITS", 80)  # 2 rows of 40 per chunk
-    chunked = logits.clone()
-    kept_lse = mirostat_v1.apply_keep_set_(chunked, mu, m, rows)
-    assert torch.equal(chunked, one_pass)
-    assert torch.equal(kept_lse, expected)
-    assert (chunked == float("-inf")).sum() > (logits == float("-inf")).sum()  # it truncated

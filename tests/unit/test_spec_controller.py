@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -114,6 +115,26 @@ def test_turns_speculation_off_when_verifying_extra_tokens_costs_more_than_it_ga
         )
     assert int(goodput.argmax()) == 0
     assert decide_until_settled(controller, acceptance) == 0
+
+
+@pytest.mark.parametrize("rates", [[0.7], [0.3, 0.95, 0.0, 1.0, 0.6]], ids=["one-row", "rows"])
+def test_goodput_from_per_request_rates_is_the_reference(rates: list[float]) -> None:
+    """What the policy calls each step (one rate per request, the same at every position),
+    against the plain-Python reference summed over the requests."""
+    def verify(rows: int, tokens: int) -> float:
+        return 0.01 + 0.001 * rows + 0.0005 * tokens
+
+    def draft(rows: int, passes: int) -> float:
+        return 0.002 * passes + 0.0001 * passes * rows
+
+    controller = GoodputController(8, initial_k=4)
+    train(controller, verify, draft)
+    rows = len(rates)
+    goodput = controller.expected_goodput_of_rates(np.array(rates))
+    for k in range(9):
+        tokens = sum(1.0 + sum(a ** (i + 1) for i in range(k)) for a in rates)
+        reference = tokens / (verify(rows, rows * (1 + k)) + draft(rows, max(k, 1)))
+        assert goodput[k] == pytest.approx(reference, rel=1e-5)
 
 
 def test_drafts_long_when_acceptance_is_high_and_verification_is_cheap() -> None:

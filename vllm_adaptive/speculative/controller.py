@@ -258,7 +258,7 @@ class GoodputController:
         v0, v1, v2 = self.verify_time.coefficient_floats()
         verify = v0 + (v1 * num_rows + v2 * (num_rows * (1 + k)))
         if not passes:
-            return verify + 0.0
+            return verify
         d0, d1, d2 = self.draft_time.coefficient_floats()
         return verify + (d0 + (d1 * passes + d2 * (passes * num_rows)))
 

@@ -59,14 +59,14 @@ from vllm_adaptive.speculative.controller import GoodputController
 from vllm_adaptive.speculative.stop_rules import (
     AdaEDLStopRule,
     DraftState,
+    OneRowStats,
     SpecDecStopRule,
-    RowStats,
     StopRule,
     build_calibrator,
     build_stop_rule,
-    f32,
     draft_stats,
     draft_stats_from_probs,
+    f32,
     host_draft_stats,
     host_row_stats,
     host_to_device,
@@ -343,7 +343,7 @@ class DraftInProgress:
         if probs is not None:
             self.probs.append(probs)
 
-    def _record_one(self, rule: StopRule, stats: RowStats, token_ids: torch.Tensor) -> None:
+    def _record_one(self, rule: StopRule, stats: OneRowStats, token_ids: torch.Tensor) -> None:
         stop, keep, log_survival = rule.decide_one(stats, self._log_survival_one, self._lam_one)
         alive = self._alive_one
         self.kept.append(alive and keep)

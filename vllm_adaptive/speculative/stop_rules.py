@@ -153,7 +153,7 @@ def host_draft_stats(
     )
 
 
-class RowStats(NamedTuple):
+class OneRowStats(NamedTuple):
     """`HostStats` of one row as Python floats (float32 values): the one-row (batch 1) path."""
 
     entropy: float | None
@@ -174,12 +174,13 @@ def f32(value: float) -> float:
 def host_row_stats(
     logits: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor | None = None,
     entropy: bool = True,
-) -> RowStats | None:
+) -> OneRowStats | None:
     """`host_draft_stats` of a one-row CPU draft step as Python floats: `logits` [1, V], the
     drafted token [1], and `probs` [1, V] it was sampled from, or None for greedy drafting, whose
-    token is the argmax of the logits, so its probability is the top one. CPU tensors without grad (the caller's one-row path checks). One fused softmax over the row
-    (and a dot for the entropy), nothing on one-element arrays. None when the row has no finite
-    logit: the caller takes `host_draft_stats`."""
+    token is the argmax of the logits, so its probability is the top one. CPU tensors (the
+    host_math path's). One fused softmax over the row (and a dot for the entropy), nothing on
+    one-element arrays. None when the row has no finite logit: the caller takes
+    `host_draft_stats`."""
     if probs is None:
         p = torch.softmax(logits, dim=-1, dtype=torch.float32).numpy()[0]
         best = int(p.argmax())
@@ -195,7 +196,7 @@ def host_row_stats(
                 spread = float(np.dot(p, np.where(p > 0, x, 0.0)))
             row_entropy = f32(max(float(x[best]) - math.log(top) - spread, 0.0))
         top = f32(top)
-        return RowStats(entropy=row_entropy, top_prob=top, token_prob=top)
+        return OneRowStats(entropy=row_entropy, top_prob=top, token_prob=top)
     token = token_ids.item()
     p = probs.numpy()[0] if probs.dtype == torch.float32 else probs.float().numpy()[0]
     top = float(p.max())
@@ -209,7 +210,7 @@ def host_row_stats(
         if math.isnan(spread):  # masked tokens: probability 0 times -inf
             spread = float(np.dot(p, np.where(p > 0, log_p, 0.0)))
         row_entropy = f32(max(-spread, 0.0))
-    return RowStats(entropy=row_entropy, top_prob=f32(top), token_prob=f32(float(p[token])))
+    return OneRowStats(entropy=row_entropy, top_prob=f32(top), token_prob=f32(float(p[token])))
 
 
 def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -280,7 +281,7 @@ class StopRule(Protocol):
         self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray
     ) -> HostDecision: ...
 
-    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+    def decide_one(self, stats: OneRowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
         """`decide_host` of one row in Python floats: (stop, keep, log_survival after)."""
         ...
 
@@ -320,7 +321,7 @@ class NoStopRule:
     def decide_host(self, stats: HostStats, log_survival: np.ndarray, lam: np.ndarray) -> HostDecision:
         return _host_decision(np.zeros(len(stats.top_prob), dtype=bool), True, log_survival)
 
-    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+    def decide_one(self, stats: OneRowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
         return False, True, log_survival
 
 
@@ -351,7 +352,7 @@ class EntropyStopRule:
         return _host_decision(stats.entropy > np.float32(self.threshold), self.keep_stopping_token,
                               log_survival)
 
-    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+    def decide_one(self, stats: OneRowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
         assert stats.entropy is not None
         stop = stats.entropy > f32(self.threshold)
         return stop, self.keep_stopping_token or not stop, log_survival
@@ -403,7 +404,7 @@ class AdaEDLStopRule:
         bound = np.float32(1.0) - np.sqrt(np.float32(self.gamma) * np.maximum(stats.entropy, np.float32(0.0)))
         return _host_decision(bound < lam, self.keep_stopping_token, log_survival)
 
-    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+    def decide_one(self, stats: OneRowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
         assert stats.entropy is not None
         bound = f32(1.0 - f32(math.sqrt(f32(f32(self.gamma) * max(stats.entropy, 0.0)))))
         stop = bound < lam
@@ -514,7 +515,7 @@ class SpecDecStopRule:
         after = log_survival + self.calibrator.log_acceptance_host(confidence)
         return _host_decision(-np.expm1(after) > np.float32(self.threshold), True, after)
 
-    def decide_one(self, stats: RowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
+    def decide_one(self, stats: OneRowStats, log_survival: float, lam: float) -> tuple[bool, bool, float]:
         confidence = stats.top_prob if self.confidence == "top_prob" else stats.token_prob
         after = f32(log_survival + self.calibrator.log_acceptance_of(confidence))
         return f32(-math.expm1(after)) > f32(self.threshold), True, after
