@@ -141,7 +141,8 @@ def run_engine(spec: Mapping[str, Any]) -> dict[str, Any]:
     if config.kind == "ead":
         import vllm_adaptive
 
-        routing = {"enabled": True, "mode": config.mode, "large_draft_tokens": spec.get("large_draft_tokens")}
+        routing = {"enabled": True, "mode": config.mode, "large_draft_tokens": spec.get("large_draft_tokens"),
+                   "min_drafting_fraction": spec.get("min_drafting_fraction", 0.0)}
         kwargs = vllm_adaptive.engine_kwargs({"routing": routing},
                                              speculative_config=speculative, **engine)
     else:
@@ -197,7 +198,8 @@ def _measure(llm: Any, config: EngineConfig, prompts: list[dict[str, Any]], para
         after = _routing_counters(llm)
         large = after["large_tokens"] - routing_before["large_tokens"]
         passes = after["target_passes"] - routing_before["target_passes"]
-        extra = {"routing_failures": after["failures"] - routing_before["failures"]}
+        extra = {"routing_failures": after["failures"] - routing_before["failures"],
+                 "draft_passes": after["draft_passes"] - routing_before["draft_passes"]}
     elif config.kind == "fixed":  # every step of a request but its prefill verifies a draft
         large, passes = generated, round(_spec_drafts(llm) - drafts_before) + len(prompts)
     elif config.kind == "large":
@@ -622,6 +624,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ead-min-stint", type=int, default=0, help="ead_min_stint of every EAD request")
     parser.add_argument("--ead-large-draft", type=int, default=None,
                         help="routing.large_draft_tokens of the routed engines (default: null, drafts to K)")
+    parser.add_argument("--ead-draft-fraction", type=float, default=0.0,
+                        help="routing.min_drafting_fraction of the routed engines (default 0: the loop "
+                             "runs while any row drafts)")
     parser.add_argument("--batch1-prompts", type=int, default=8, help="prompts per task timed one at a time")
     parser.add_argument("--control-prompts", type=int, default=30, help="prompts per task the random control runs")
     parser.add_argument("--repeats", type=int, default=2)
@@ -652,6 +657,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ead-k must be >= 1, got {args.ead_k}")
     if args.ead_large_draft is not None and args.ead_large_draft < 1:
         parser.error(f"--ead-large-draft must be >= 1, got {args.ead_large_draft}")
+    if not 0 <= args.ead_draft_fraction <= 1:
+        parser.error(f"--ead-draft-fraction must be in [0, 1], got {args.ead_draft_fraction}")
     if args.n < 1 or args.repeats < 1:
         parser.error(f"--n and --repeats must be >= 1, got {args.n} and {args.repeats}")
     for name in ("batch1_prompts", "control_prompts"):
@@ -689,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for config in order:
             print(f"repeat {repeat + 1}/{args.repeats}: {config.name}", file=sys.stderr, flush=True)
             spec = {**base_spec, "config": dataclasses.asdict(config), "taus": args.taus, "ead_keys": ead_keys,
-                    "large_draft_tokens": args.ead_large_draft}
+                    "large_draft_tokens": args.ead_large_draft, "min_drafting_fraction": args.ead_draft_fraction}
             result = run_in_subprocess("engine", spec, out / "engines", f"r{repeat}-{config.name}")
             runs.append({"repeat": repeat, **result})
             measurements += [{**score(m, examples[m["task"]]), "repeat": repeat} for m in result["measurements"]]
@@ -711,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     footer = format_footer(checks, args.control_prompts)
     meta = {"created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "target": target,
             "draft": draft, "tasks": args.task_list, "n": args.n, "seed": args.seed, "ks": args.ks,
-            "taus": args.taus, "ead_k": args.ead_k, "ead_large_draft": args.ead_large_draft, **ead_keys,
+            "taus": args.taus, "ead_k": args.ead_k, "ead_large_draft": args.ead_large_draft,
+            "ead_draft_fraction": args.ead_draft_fraction, **ead_keys,
             "batch1_prompts": args.batch1_prompts,
             "control_prompts": args.control_prompts, "control_seed": args.control_seed, "repeats": args.repeats,
             "max_tokens": args.max_tokens, "kv_cache_bytes": args.kv_cache_bytes, "engine_args": args.engine_args,

@@ -59,10 +59,12 @@ class RoutedEngine:
     """One engine with `routing.enabled`; `run` generates a batch and returns its token ids and
     the routing counters' change."""
 
-    def __init__(self, target: Path, draft: Path, large_draft_tokens: int | None = None) -> None:
+    def __init__(self, target: Path, draft: Path, large_draft_tokens: int | None = None,
+                 min_drafting_fraction: float = 0.0) -> None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a callable
         spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
-        routing = {"enabled": True, "mode": "faithful", "large_draft_tokens": large_draft_tokens}
+        routing = {"enabled": True, "mode": "faithful", "large_draft_tokens": large_draft_tokens,
+                   "min_drafting_fraction": min_drafting_fraction}
         self.llm = LLM(str(target), **vllm_adaptive.engine_kwargs(
             {"routing": routing}, speculative_config=spec, **ENGINE))
 
@@ -187,9 +189,11 @@ def test_both_models_write_and_switch_at_a_middle_tau(pair: Pair) -> None:
 
 @pytest.fixture(scope="module")
 def short_large_drafts(tiny_model: Path) -> Iterator[RoutedEngine]:
-    """The tiny pair with `routing.large_draft_tokens: 1`: a speculative draft ends at its first
-    LARGE position."""
-    engine = RoutedEngine(tiny_model, ensure_truncated_draft(tiny_model, 1), large_draft_tokens=1)
+    """The tiny pair with `routing.large_draft_tokens: 1` (a speculative draft ends at its first
+    LARGE position) and `min_drafting_fraction: 0.5` (the loop ends once fewer than half the EAD
+    rows draft; it never does while all of them draft or none)."""
+    engine = RoutedEngine(tiny_model, ensure_truncated_draft(tiny_model, 1), large_draft_tokens=1,
+                          min_drafting_fraction=0.5)
     yield engine
     engine.close()
 
@@ -215,3 +219,23 @@ def test_drafts_that_end_at_a_large_position_keep_both_references(
     counters = middle["counters"]
     assert counters["small_tokens"] > 0 and counters["large_tokens"] > count, counters
     assert_counts_add_up(middle, [True] * count)
+
+
+@pytest.mark.parametrize("pair", ["tiny"], indirect=True)
+def test_a_loop_cut_by_min_drafting_fraction_keeps_both_references(
+    pair: Pair, short_large_drafts: RoutedEngine
+) -> None:
+    # One request the small model writes throughout, the others the large model: each step the
+    # large ones' drafts end at their first position, so while they run fewer than half the rows
+    # draft and the loop ends after one pass; the small one's draft is cut at one token, its
+    # bonus dropped. Its output stays the small model's continuation, theirs plain vLLM's.
+    count = len(pair.prompts)
+    extras = [{**HIGH, "ead_mode": "speculative"}] + [{**LOW, "ead_mode": "speculative"}] * (count - 1)
+    run = short_large_drafts.run(pair.prompts, extras)
+    assert run["tokens"][1:] == pair.plain[1:]
+    assert run["tokens"][0] == small_model_continuations(
+        pair.draft, pair.target, pair.prompts[:1], run["tokens"][:1])[0]
+    assert_counts_add_up(run, [True] * count)
+    # Drafted to K, the small one's 20 tokens after the first would take 5 steps, each ending on
+    # a small-model position (bonus dropped); cut to one token per step, more.
+    assert run["counters"]["bonus_dropped"] > -(-(MAX_TOKENS - 1) // K), run["counters"]

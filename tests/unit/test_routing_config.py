@@ -21,6 +21,7 @@ def test_defaults() -> None:
         "mode": "speculative",
         "max_window": 32,
         "large_draft_tokens": None,
+        "min_drafting_fraction": 0.0,
     }
 
 
@@ -29,11 +30,12 @@ def test_reads_from_yaml_and_round_trips(tmp_path: Path) -> None:
     path.write_text(
         "routing:\n  enabled: true\n  default_on: true\n  tau: 2\n  window: 64\n"
         "  min_stint: 1024\n  mode: faithful\n  max_window: 256\n  large_draft_tokens: 2\n"
+        "  min_drafting_fraction: 0.5\n"
     )
     config = AdaptiveConfig.from_file(path)
     assert config.routing == RoutingConfig(
         enabled=True, default_on=True, tau=2.0, window=64, min_stint=1024, mode="faithful", max_window=256,
-        large_draft_tokens=2,
+        large_draft_tokens=2, min_drafting_fraction=0.5,
     )
     assert isinstance(config.routing.tau, float)
     assert AdaptiveConfig.from_dict(config.to_dict()) == config
@@ -61,6 +63,12 @@ def test_reads_from_yaml_and_round_trips(tmp_path: Path) -> None:
          "a.yaml: routing.large_draft_tokens must be an integer in [1, 128] or null, got 0"),
         ({"large_draft_tokens": 129},
          "a.yaml: routing.large_draft_tokens must be an integer in [1, 128] or null, got 129"),
+        ({"min_drafting_fraction": -0.1},
+         "a.yaml: routing.min_drafting_fraction must be a number in [0, 1], got -0.1"),
+        ({"min_drafting_fraction": 1.5},
+         "a.yaml: routing.min_drafting_fraction must be a number in [0, 1], got 1.5"),
+        ({"min_drafting_fraction": float("nan")},
+         "a.yaml: routing.min_drafting_fraction must be a number in [0, 1], got nan"),
         ({"enabled": "yes"}, "a.yaml: routing.enabled must be a bool, got 'yes'"),
         ({"default_on": True},
          "a.yaml: routing.default_on needs enabled: true (requests cannot use EAD by default on a "

@@ -31,8 +31,10 @@ def host_math(request: pytest.FixtureRequest) -> bool:
     return request.param
 
 
-def new_policy(capacity: int = 64, large_draft_tokens: int | None = None) -> RoutingPolicy:
-    config = RoutingConfig(enabled=True, large_draft_tokens=large_draft_tokens)
+def new_policy(capacity: int = 64, large_draft_tokens: int | None = None,
+               min_drafting_fraction: float = 0.0) -> RoutingPolicy:
+    config = RoutingConfig(enabled=True, large_draft_tokens=large_draft_tokens,
+                           min_drafting_fraction=min_drafting_fraction)
     policy = RoutingPolicy(config, K, capacity=capacity, host_math=HOST_MATH)
     assert policy.store.host == HOST_MATH
     return policy
@@ -132,6 +134,55 @@ def test_a_row_without_ead_keeps_the_loop_to_k_while_an_ead_draft_ends() -> None
                                [[LOW, 9.0], [HIGH, 9.0], [LOW, 9.0], [LOW, 9.0]])
     assert drafts == [[100, 101], [110, 111, 112, 113]]
     assert plan.rows["a"].forced == (True, False) and not plan.rows["a"].drop_bonus
+
+
+# Four speculative rows (large_draft_tokens 1): rows b, c, d end at their first LARGE position
+# (steps 1, 2 and 3), a stays the small model's. Per step: entropies of a, b, c, d.
+FOUR_ROWS = [[LOW, HIGH, LOW, LOW], [LOW, LOW, HIGH, LOW], [LOW, LOW, LOW, HIGH], [LOW, LOW, LOW, LOW]]
+
+
+@pytest.mark.parametrize(("fraction", "steps"), [
+    (0.0, 4),  # the loop runs while a row drafts: a's stint holds it to K
+    (0.25, 4),  # 1 row of 4 still drafts after step 3: not fewer than 0.25 * 4
+    (0.5, 3),  # after step 3 one row (a) drafts, fewer than 0.5 * 4: cut
+    (0.9, 1),  # after step 1 three rows draft, fewer than 3.6
+])
+def test_the_loop_ends_once_fewer_than_min_drafting_fraction_of_the_rows_draft(
+    fraction: float, steps: int,
+) -> None:
+    policy = new_policy(large_draft_tokens=1, min_drafting_fraction=fraction)
+    ids = ["a", "b", "c", "d"]
+    drafts, plan = draft_steps(policy, ids, [routing("speculative")] * 4, FOUR_ROWS)
+    assert len(drafts[0]) == steps
+    # a: the small model's to the end of the loop, so no target token after it (as at K).
+    assert plan.rows["a"].forced == (True,) * steps and plan.rows["a"].drop_bonus
+    for row, own_end in ((1, 1), (2, 2), (3, 3)):  # own end: the first LARGE position, verified
+        length = min(own_end, steps)
+        expected = (True,) * (length - 1) + ((False,) if length == own_end else (True,))
+        plan_row = plan.rows.get(ids[row])
+        forced = plan_row.forced if plan_row is not None else (False,) * length
+        assert forced == expected, (ids[row], forced)
+        assert drafts[row] == [100 + 10 * row + s for s in range(length)]
+        if plan_row is not None:  # cut on a small-model position: no target token after it
+            assert plan_row.drop_bonus == expected[-1]
+    assert policy.counters.draft_passes == steps
+
+
+def test_a_faithful_row_cut_by_min_drafting_fraction_keeps_its_small_draft_without_bonus() -> None:
+    policy = new_policy(min_drafting_fraction=0.6)
+    drafts, plan = draft_steps(policy, ["a", "b"], [routing("faithful")] * 2,
+                               [[LOW, LOW], [LOW, HIGH], [LOW, LOW], [LOW, LOW]])
+    # After step 2 only a drafts (b reached the large model): 1 < 0.6 * 2, the loop ends.
+    assert drafts == [[100, 101], [110]]
+    assert plan.rows["a"].forced == (True, True) and plan.rows["a"].drop_bonus
+    assert plan.rows["b"].forced == (True,) and not plan.rows["b"].drop_bonus
+
+
+def test_min_drafting_fraction_does_not_end_a_loop_that_a_row_without_ead_needs() -> None:
+    policy = new_policy(large_draft_tokens=1, min_drafting_fraction=1.0)
+    drafts, _ = draft_steps(policy, ["a", "b"], [routing("speculative"), None],
+                            [[LOW, 9.0], [HIGH, 9.0], [LOW, 9.0], [LOW, 9.0]])
+    assert drafts == [[100, 101], [110, 111, 112, 113]]
 
 
 def test_commit_takes_the_state_after_the_emitted_positions_and_counts_writers() -> None:

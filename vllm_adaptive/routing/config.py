@@ -54,6 +54,14 @@ class RoutingConfig:
     # model's are not drafted past what it is likely to accept. The output does not depend on
     # it except at draft ends (the position after a draft that ends LARGE is the large model's).
     large_draft_tokens: int | None = None
+    # A step's draft loop ends once fewer than this fraction of its EAD rows still draft (the
+    # loop's draft passes run over every row of the batch, drafting or not); 0: it runs while
+    # any row drafts, to K. A row cut short keeps what it drafted and goes on at the next step.
+    # With a long K and many requests at once, the last rows' long small-model stints would
+    # otherwise hold every row's pass to K. Ends the loop on a CPU device only (the check is a
+    # read of the device), and only in steps where every decoding row uses EAD with a draft end
+    # of its own (faithful, or speculative with large_draft_tokens).
+    min_drafting_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("enabled", "default_on"):
@@ -77,6 +85,9 @@ class RoutingConfig:
         if self.large_draft_tokens is not None:
             _check_int("large_draft_tokens", self.large_draft_tokens, 1, MAX_LARGE_DRAFT_TOKENS,
                        suffix=" or null")
+        fraction = self.min_drafting_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ConfigError(f"min_drafting_fraction must be a number in [0, 1], got {shown(fraction)}")
 
 
 def _check_int(key: str, value: Any, low: int, high: int, high_name: str | None = None,

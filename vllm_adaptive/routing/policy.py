@@ -175,6 +175,8 @@ class RoutedDraft:
             full = full | speculative
         self.full_length = bool(full.any())
         self.can_end_early = (not self.full_length) and (self.host or state.large.device.type == "cpu")
+        # routing.min_drafting_fraction: the loop ends once fewer rows than this still draft.
+        self.min_drafting = policy.config.min_drafting_fraction * int(routed.sum())
         self.failed = False
 
     @property
@@ -207,8 +209,12 @@ class RoutedDraft:
             self.probs.append(probs)
 
     def should_end(self) -> bool:
-        """Every faithful row stopped and no row needs all K steps (CPU only: the read is a sync)."""
-        return self.can_end_early and self.steps < self.k and not bool(self.active.any())
+        """No row needs all K steps, and no EAD row still drafts or fewer than
+        routing.min_drafting_fraction of them do (CPU only: the read is a sync)."""
+        if not self.can_end_early or self.steps >= self.k:
+            return False
+        drafting = int(self.active.sum())
+        return drafting == 0 or drafting < self.min_drafting
 
     def draft_probs(self) -> torch.Tensor | None:
         return torch.stack(self.probs, dim=1).contiguous() if self.probs else None
@@ -420,15 +426,16 @@ class RoutingPolicy:
                 if True in row_owners:
                     n = row_owners.index(True)
                     plan = RowPlan(tuple(row_tokens[:n]), (True,) * n, drop_bonus=False)
-                elif steps_run[r] >= self.k:
-                    plan = RowPlan(tuple(row_tokens[: self.k]), (True,) * self.k, drop_bonus=True)
+                elif steps_run[r] == steps:  # still the small model's when the loop ended (K or cut)
+                    plan = RowPlan(tuple(row_tokens[:steps]), (True,) * steps, drop_bonus=True)
                 else:
                     raise RuntimeError(f"faithful row {r} stopped after {steps_run[r]} steps without LARGE")
             else:
                 forced = tuple(not o for o in row_owners[: self.k])
-                # The last position is the small model's: the next one is probably its too, and
-                # its entropy is not known yet: as in faithful mode, no target token after it.
-                drop = len(forced) == self.k and forced[-1]
+                # The draft ended on a small-model position (at K, or the loop was cut): the next
+                # one is probably its too, and its entropy is not known yet: as in faithful mode,
+                # no target token after it. (A row's own draft end is a large-model position.)
+                drop = bool(forced) and forced[-1]
                 plan = RowPlan(tuple(row_tokens[: len(forced)]), forced, drop_bonus=drop)
             drafts.append(list(plan.tokens))
             if plan.tokens and any(plan.forced):
